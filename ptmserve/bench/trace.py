@@ -1,0 +1,267 @@
+"""``ptmserve bench trace``: every scheduling policy on the same seeded multi-model trace, in one run.
+
+``--mode sim`` plays the trace through the real ``Scheduler`` on the simulator (``ptmserve.engine.simulator``)
+with a device profile (measured on this machine, a named preset, or a JSON file). ``--mode real`` replays it
+in real time against the real engine through ``EngineTarget`` (the engine side lives in
+``ptmserve.bench.trace_real.open_target``).
+
+For each policy it reports goodput (requests completed within their deadline per second of trace),
+outcomes, switches (loads onto the device, prefetches included), bytes loaded, and p50/p99 latency per
+class, where a request that did not succeed counts as infinitely late (so p99 is finite only when at least
+99% of the class succeeded). Then the ratios against ``fifo-lru`` and the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from ptmserve.bench.workload import WorkloadSpec, generate, rate_for_load
+from ptmserve.engine.costs import PROFILES, CostModel, DeviceProfile
+from ptmserve.engine.policies import PolicyName, make_policy
+from ptmserve.engine.requests import ClassDefaults, Outcome, RequestClass
+from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
+from ptmserve.engine.simulator import Arrival, Record, SimClock, SimConfig, simulate
+
+logger = logging.getLogger(__name__)
+
+MINILM_BYTES = 90_852_864  # all-MiniLM-L6-v2 fp32 weights
+POLICIES = [p.value for p in PolicyName]
+TARGETS = {"switches": 4.5, "timeouts": 13.0, "goodput": 2.0}  # fifo-lru / ours, ours / fifo-lru
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``ptmserve bench trace``."""
+    d = WorkloadSpec()
+    p = parser
+    p.add_argument("--mode", choices=("sim", "real"), default="sim", help="simulate, or drive the real engine")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    p.add_argument("--models", type=int, help="models in the trace (default: 16 real, 100 sim)")
+    p.add_argument("--device-models", type=int, help="device budget in models (default: 4 real, 16 sim)")
+    p.add_argument("--model-bytes", type=int, default=MINILM_BYTES, help="weight bytes per model (MiniLM-L6)")
+    p.add_argument("--duration", type=float, help="trace seconds (default: 120 real, 3600 sim)")
+    p.add_argument("--load", type=float, default=0.8, help="mean offered compute / device compute (%(default)s)")
+    p.add_argument("--rate", type=float, help="background requests/s (overrides --load)")
+    p.add_argument("--zipf", type=float, default=d.zipf_s, help="Zipf exponent of popularity (%(default)s)")
+    p.add_argument("--realtime-share", type=float, default=d.realtime_share, help="(%(default)s)")
+    p.add_argument("--realtime-timeout-ms", type=float, default=d.realtime_timeout_ms, help="(%(default)s)")
+    p.add_argument("--batch-timeout-ms", type=float, default=d.batch_timeout_ms, help="(%(default)s)")
+    p.add_argument("--burst-every", type=float, default=d.burst_every_s, help="mean seconds between bursts")
+    p.add_argument("--burst-seconds", type=float, default=d.burst_s, help="(%(default)s)")
+    p.add_argument("--burst-load", type=float, default=0.5, help="a burst's extra compute / device compute")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--profile", default="cpu-2core", help=f"device profile: {', '.join(PROFILES)} or a JSON file")
+    p.add_argument("--exec-noise", type=float, default=0.1, help="sim: sigma of log-normal noise on batch times")
+    p.add_argument("--max-batch-requests", type=int, default=SchedulerLimits().max_batch_requests)
+    p.add_argument("--max-batch-tokens", type=int, default=SchedulerLimits().max_batch_tokens)
+    p.add_argument(
+        "--predictive-baselines",
+        action="store_true",
+        help="ablation: give the baselines fastptm's predictive expiry instead of the peers' timeout rule",
+    )
+
+
+def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, list[Arrival]]:
+    """The workload spec, device profile and trace that ``args`` describe."""
+    real = args.mode == "real"
+    profile = DeviceProfile.load(args.profile)
+    spt = profile.token_seconds(args.model_bytes)
+    spec = WorkloadSpec(
+        models=args.models or (16 if real else 100),
+        duration_s=args.duration or (120.0 if real else 3600.0),
+        zipf_s=args.zipf,
+        realtime_share=args.realtime_share,
+        realtime_timeout_ms=args.realtime_timeout_ms,
+        batch_timeout_ms=args.batch_timeout_ms,
+        burst_every_s=args.burst_every,
+        burst_s=args.burst_seconds,
+        seed=args.seed,
+    )
+    spec = replace(spec, burst_rate=args.burst_load / spt / spec.mean_tokens())
+    rate = args.rate if args.rate is not None else rate_for_load(spec, args.load, spt)
+    spec = replace(spec, rate=rate)
+    return spec, profile, generate(spec)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Run every selected policy on the same trace; print a table; return (and maybe write) the results."""
+    spec, profile, arrivals = build_trace(args)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    device_models = args.device_models or (4 if args.mode == "real" else 16)
+    limits = SchedulerLimits(max_batch_requests=args.max_batch_requests, max_batch_tokens=args.max_batch_tokens)
+    defaults = ClassDefaults(
+        realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
+    )
+    results: dict[str, dict[str, object]] = {}
+    for name in policies:
+        started = time.perf_counter()
+        if args.mode == "sim":
+            results[name] = _run_sim(name, arrivals, spec, profile, device_models, limits, defaults, args)
+        else:
+            results[name] = _run_real(name, arrivals, spec, device_models, args)
+        results[name]["wall_seconds"] = round(time.perf_counter() - started, 2)
+    report = {
+        "mode": args.mode,
+        "workload": spec.to_dict(),
+        "requests": len(arrivals),
+        "device_models": device_models,
+        "model_bytes": args.model_bytes,
+        "profile": profile.to_dict(),
+        "limits": {"max_batch_requests": limits.max_batch_requests, "max_batch_tokens": limits.max_batch_tokens},
+        "predictive_baselines": bool(args.predictive_baselines),
+        "policies": results,
+        "vs_fifo_lru": _ratios(results),
+    }
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _run_sim(
+    name: str,
+    arrivals: Sequence[Arrival],
+    spec: WorkloadSpec,
+    profile: DeviceProfile,
+    device_models: int,
+    limits: SchedulerLimits,
+    defaults: ClassDefaults,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    sizes = {m: args.model_bytes for m in spec.model_names()}
+    config = SimConfig(
+        sizes=sizes,
+        device_budget=device_models * args.model_bytes,
+        truth=profile,
+        exec_noise=args.exec_noise,
+        seed=args.seed,
+        defaults=defaults,
+    )
+    clock = SimClock()
+    predictive = True if (args.predictive_baselines and name != "fastptm") else None
+    scheduler = Scheduler(make_policy(name, predictive_expiry=predictive), CostModel(profile), limits, clock)
+    result = simulate(arrivals, scheduler, clock, config, name)
+    counters = {
+        "loads": result.loads,
+        "prefetches": result.prefetches,
+        "loaded_bytes": result.loaded_bytes,
+        "evictions": result.evictions,
+        "steps": result.steps,
+        "busy_seconds": round(result.busy_seconds, 3),
+    }
+    return summarize(result.records, spec.duration_s, counters)
+
+
+def _run_real(
+    name: str, arrivals: Sequence[Arrival], spec: WorkloadSpec, device_models: int, args: argparse.Namespace
+) -> dict[str, object]:
+    try:
+        from ptmserve.bench.trace_real import open_target  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise SystemExit(f"--mode real is not available yet: {exc}") from exc
+    from ptmserve.bench.replay import replay_real
+
+    return replay_real(open_target, name, arrivals, spec, device_models, args)
+
+
+def summarize(records: Sequence[Record], duration: float, counters: Mapping[str, float]) -> dict[str, object]:
+    """The per-policy figures of one run: outcomes, goodput, latency per class, and ``counters``."""
+    out: dict[str, object] = {k: counters[k] for k in counters}
+    outcomes = {o.value: 0 for o in Outcome}
+    for r in records:
+        outcomes[(r.outcome or Outcome.ERROR).value] += 1
+    out["outcomes"] = outcomes
+    out["switches"] = counters.get("loads", 0)
+    out["timeouts"] = outcomes[Outcome.TIMEOUT.value]
+    out["goodput_rps"] = round(outcomes[Outcome.SUCCESS.value] / duration, 4) if duration > 0 else 0.0
+    classes: dict[str, object] = {}
+    for cls in RequestClass:
+        mine = [r for r in records if r.cls is cls]
+        lat = sorted(
+            (r.finish - r.arrival) if r.outcome is Outcome.SUCCESS and r.finish is not None else math.inf
+            for r in mine
+        )
+        ok = [x for x in lat if math.isfinite(x)]
+        classes[cls.name.lower()] = {
+            "requests": len(mine),
+            "success": len(ok),
+            "p50_s": _finite(_pct(lat, 50)),
+            "p99_s": _finite(_pct(lat, 99)),
+            "success_p99_s": _finite(_pct(ok, 99)),
+        }
+    out["classes"] = classes
+    return out
+
+
+def _pct(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    k = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+def _finite(x: float) -> float | None:
+    """JSON-safe: None stands for "missed" (infinitely late) or undefined."""
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def _ratios(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, float | None]]:
+    base = results.get("fifo-lru")
+    if base is None:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, r in results.items():
+        out[name] = {
+            "switches_fewer": _div(base["switches"], r["switches"]),  # type: ignore[arg-type]
+            "timeouts_fewer": _div(base["timeouts"], r["timeouts"]),  # type: ignore[arg-type]
+            "goodput_gain": _div(r["goodput_rps"], base["goodput_rps"]),  # type: ignore[arg-type]
+        }
+    return out
+
+
+def _div(a: float, b: float) -> float | None:
+    if b == 0:
+        return None if a == 0 else math.inf
+    return round(a / b, 3)
+
+
+def format_table(report: Mapping[str, object]) -> str:
+    """A plain-text table of ``report`` (what ``run`` prints)."""
+    w = report["workload"]
+    lines = [
+        f"trace: {report['requests']} requests, {w['models']} models, {w['duration_s']:.0f} s, "  # type: ignore[index]
+        f"device budget {report['device_models']} models, mode {report['mode']}",
+        f"{'policy':<10} {'goodput/s':>9} {'success':>8} {'timeout':>8} {'reject':>7} {'switches':>9} "
+        f"{'GB loaded':>9} {'rt p50':>8} {'rt p99':>8} {'batch p50':>9} {'batch p99':>9}",
+    ]
+    ratios = report["vs_fifo_lru"]
+    for name, r in report["policies"].items():  # type: ignore[attr-defined]
+        o, c = r["outcomes"], r["classes"]
+        lines.append(
+            f"{name:<10} {r['goodput_rps']:>9.2f} {o['success']:>8} {o['timeout']:>8} {o['rejected']:>7} "
+            f"{r['switches']:>9} {r['loaded_bytes'] / 1e9:>9.2f} {_ms(c['realtime']['p50_s']):>8} "
+            f"{_ms(c['realtime']['p99_s']):>8} {_ms(c['batch']['p50_s']):>9} {_ms(c['batch']['p99_s']):>9}"
+        )
+    for name, q in ratios.items():  # type: ignore[attr-defined]
+        if name != "fifo-lru":
+            lines.append(
+                f"{name} vs fifo-lru: switches {_x(q['switches_fewer'])} fewer (target {TARGETS['switches']}x), "
+                f"timeouts {_x(q['timeouts_fewer'])} fewer (target {TARGETS['timeouts']}x), "
+                f"goodput {_x(q['goodput_gain'])} (target {TARGETS['goodput']}x)"
+            )
+    return "\n".join(lines)
+
+
+def _ms(x: float | None) -> str:
+    return "miss" if x is None else f"{x * 1e3:.0f}ms"
+
+
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.2f}x")

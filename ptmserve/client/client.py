@@ -1,0 +1,145 @@
+"""``Client`` and ``AsyncClient``: typed access to a ptmserve server over httpx.
+
+Errors come back as the ``ptmserve.errors`` classes the server raised (``ModelNotFound`` for 404,
+``Overloaded`` for 429, ``DeadlineExceeded`` for 504, ...); a 500 or an unknown status raises
+``ServerError``. Transport failures (connection refused, client timeout) raise httpx's own errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ptmserve.client import protocol as p
+from ptmserve.engine.api import ClassifyResult, EmbedResult
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """A synchronous client. Use as a context manager, or call ``close()``.
+
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as ``Authorization: Bearer <key>`` when the server runs with ``--api-key``.
+        timeout: seconds to wait for a response (an httpx timeout, not the server-side deadline).
+    """
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0, **httpx_kwargs: Any
+    ) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: p.HttpCall) -> httpx.Response:
+        r = self._http.request(call.method, call.path, content=call.body, headers=call.headers)
+        p.raise_for_status(r.status_code, r.content)
+        return r
+
+    def embed(
+        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+    ) -> EmbedResult:
+        """Embeddings (B, D) of texts or token id lists; ``priority``/``timeout_us`` as in Triton."""
+        r = self._send(p.infer_call(model, inputs, ["EMBEDDING"], priority, timeout_us))
+        return p.embed_result(p.parse_infer(r.content, r.headers))
+
+    def classify(
+        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+    ) -> ClassifyResult:
+        """Logits (B, C) and the argmax label of each input."""
+        r = self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
+        return p.classify_result(p.parse_infer(r.content, r.headers))
+
+    def load(self, model: str) -> None:
+        """Load ``model`` (model repository extension; needed under ``--model-control explicit``)."""
+        self._send(p.HttpCall("POST", f"/v2/repository/models/{p.model_path(model)}/load"))
+
+    def unload(self, model: str) -> None:
+        self._send(p.HttpCall("POST", f"/v2/repository/models/{p.model_path(model)}/unload"))
+
+    def models(self) -> list[p.ModelStatus]:
+        """Every repository model with its state (READY, LOADING, UNAVAILABLE) and reason."""
+        return p.model_statuses(self._send(p.HttpCall("POST", "/v2/repository/index")).content)
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        """The model's KServe metadata (inputs and outputs with datatypes and shapes)."""
+        return self._send(p.HttpCall("GET", f"/v2/models/{p.model_path(model)}")).json()
+
+    def health(self) -> p.Health:
+        """Liveness and readiness; both False when the server cannot be reached."""
+        try:
+            live = self._http.get("/v2/health/live").status_code == 200
+            ready = self._http.get("/v2/health/ready").status_code == 200
+        except httpx.TransportError:
+            return p.Health(live=False, ready=False)
+        return p.Health(live=live, ready=ready)
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client`` (same methods, awaitable). Use ``async with`` or ``aclose()``."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0, **httpx_kwargs: Any
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: p.HttpCall) -> httpx.Response:
+        r = await self._http.request(call.method, call.path, content=call.body, headers=call.headers)
+        p.raise_for_status(r.status_code, r.content)
+        return r
+
+    async def embed(
+        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+    ) -> EmbedResult:
+        r = await self._send(p.infer_call(model, inputs, ["EMBEDDING"], priority, timeout_us))
+        return p.embed_result(p.parse_infer(r.content, r.headers))
+
+    async def classify(
+        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+    ) -> ClassifyResult:
+        r = await self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
+        return p.classify_result(p.parse_infer(r.content, r.headers))
+
+    async def load(self, model: str) -> None:
+        await self._send(p.HttpCall("POST", f"/v2/repository/models/{p.model_path(model)}/load"))
+
+    async def unload(self, model: str) -> None:
+        await self._send(p.HttpCall("POST", f"/v2/repository/models/{p.model_path(model)}/unload"))
+
+    async def models(self) -> list[p.ModelStatus]:
+        return p.model_statuses((await self._send(p.HttpCall("POST", "/v2/repository/index"))).content)
+
+    async def metadata(self, model: str) -> dict[str, Any]:
+        return (await self._send(p.HttpCall("GET", f"/v2/models/{p.model_path(model)}"))).json()
+
+    async def health(self) -> p.Health:
+        try:
+            live = (await self._http.get("/v2/health/live")).status_code == 200
+            ready = (await self._http.get("/v2/health/ready")).status_code == 200
+        except httpx.TransportError:
+            return p.Health(live=False, ready=False)
+        return p.Health(live=live, ready=ready)
+
+

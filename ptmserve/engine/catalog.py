@@ -1,0 +1,130 @@
+"""What the engine knows about each model without loading its weights: info and tokenizer.
+
+Thread-safe: callers tokenize in their own threads, so the worker only computes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ptmserve.engine.api import ModelInfo, ModelKind, ModelState
+from ptmserve.errors import InvalidInput
+from ptmserve.models.config import EncoderConfig
+from ptmserve.models.tokenizer import TextTokenizer
+from ptmserve.store.manifest import ModelManifest
+from ptmserve.store.repository import Repository
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    manifest: ModelManifest
+    config: EncoderConfig
+    tokenizer: TextTokenizer
+    max_tokens: int  # the truncation length
+
+
+class ModelCatalog:
+    """Per-model metadata and tokenizers read from the repository, cached until the manifest changes."""
+
+    def __init__(self, repo: Repository, compute_dtype: str, *, truncate: bool = True) -> None:
+        self._repo = repo
+        self._compute_dtype = compute_dtype
+        self._truncate = truncate
+        self._entries: dict[str, CatalogEntry] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return self._repo.names()
+
+    def entry(self, name: str) -> CatalogEntry:
+        """The cached entry of ``name``. Raises ModelNotFound (or InvalidInput for a bad name)."""
+        manifest = self._repo.manifest(name)
+        with self._lock:
+            cached = self._entries.get(name)
+            if cached is not None and cached.manifest == manifest:
+                return cached
+        config = EncoderConfig.from_dict(manifest.config)
+        max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
+        # Without truncation, tokenize one token past the limit so that too-long inputs are seen.
+        limit = max_tokens if self._truncate else max_tokens + 1
+        tokenizer = TextTokenizer.from_json(manifest.tokenizer_json, limit)
+        entry = CatalogEntry(manifest, config, tokenizer, max_tokens)
+        with self._lock:
+            self._entries[name] = entry
+        return entry
+
+    def device_bytes(self, name: str) -> int:
+        """Bytes ``name``'s weights take on the device, in the compute dtype (floating tensors are cast)."""
+        e = self.entry(name)
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self._compute_dtype]
+        total = 0
+        for t in e.manifest.tensors:
+            numel = 1
+            for d in t.shape:
+                numel *= d
+            floating = t.dtype in ("float32", "bfloat16", "float16")
+            total += numel * itemsize if floating else t.nbytes
+        return total
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._entries.pop(name, None)
+
+    def info(self, name: str, state: ModelState, reason: str = "") -> ModelInfo:
+        e = self.entry(name)
+        return ModelInfo(
+            name=name,
+            kind=ModelKind.CLASSIFIER if e.config.labels else ModelKind.EMBEDDING,
+            dim=e.config.hidden_size,
+            labels=tuple(e.config.labels),
+            max_tokens=e.max_tokens,
+            vocab_size=e.config.vocab_size,
+            dtype=self._compute_dtype,
+            stored_bytes=e.manifest.total_bytes,
+            state=state,
+            reason=reason,
+        )
+
+    def tokenize(self, name: str, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Turn texts or token-id lists into token ids the model accepts.
+
+        Texts are tokenized with the model's tokenizer (special tokens added, truncated at the model's
+        maximum). Token ids are used as given. Inputs longer than the maximum are truncated
+        when the catalog truncates, else refused.
+
+        Raises:
+            InvalidInput: empty input list, an empty text, an empty or out-of-range id list, mixed types.
+        """
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
+            raise InvalidInput("input must be a non-empty list of texts or of token-id lists")
+        e = self.entry(name)
+        if all(isinstance(x, str) for x in inputs):
+            for i, text in enumerate(inputs):
+                if not text:
+                    raise InvalidInput(f"input[{i}] is an empty string")
+            ids = e.tokenizer.encode(list(inputs))  # type: ignore[arg-type]
+        else:
+            ids = [self._check_ids(i, x, e.config.vocab_size) for i, x in enumerate(inputs)]
+        if self._truncate:
+            return [x[: e.max_tokens] for x in ids]
+        self._check_lengths(ids, e.max_tokens)
+        return ids
+
+    @staticmethod
+    def _check_ids(i: int, ids: object, vocab_size: int) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
+            raise InvalidInput(f"input[{i}] must be a non-empty text or a non-empty list of token ids")
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise InvalidInput(f"input[{i}] holds {t!r}, not a token id in [0, {vocab_size})")
+            out.append(t)
+        return out
+
+    @staticmethod
+    def _check_lengths(ids: list[list[int]], max_tokens: int) -> None:
+        for i, x in enumerate(ids):
+            if len(x) > max_tokens:
+                raise InvalidInput(f"input[{i}] has {len(x)} tokens; the model accepts at most {max_tokens}")

@@ -1,0 +1,227 @@
+"""Cost models: how long a load and a batch take, from a device profile refined by what the engine measures.
+
+- Load seconds of a model = ``load_latency_s + bytes / bandwidth`` of the tier it comes from.
+- Execution seconds of a batch = ``a + b * tokens`` per model: ``a`` is the per-batch overhead and ``b``
+  the per-token time. The prior comes from the profile (``b`` from the model's parameter count and the
+  device's sustained FLOP/s); measurements refine both online (least squares with exponential forgetting).
+- A step that loads its model while computing (layer-by-layer pipelining) takes
+  ``max(load, exec) + min(load, exec) / pipeline_stages``.
+
+Pure Python, no torch: the same numbers drive the real scheduler and the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+
+from ptmserve.errors import InvalidConfig
+
+
+class Tier(str, Enum):
+    """Where a model's weights are when a load starts."""
+
+    DEVICE = "device"  # already resident: no load
+    HOST = "host"  # host-memory cache: host-to-device copy
+    DISK = "disk"  # repository files: read, then copy
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """What a device can do, measured or taken from its datasheet. Serialises to and from JSON."""
+
+    name: str = "cpu-2core"
+    host_to_device_bps: float = 6.0e9  # bytes/s from the host tier into a device slot
+    disk_to_host_bps: float = 1.0e9  # bytes/s from the repository into the host tier (cold reads)
+    load_latency_s: float = 0.002  # fixed cost of one load (slot bookkeeping, first touch)
+    batch_overhead_s: float = 0.010  # fixed cost of one batch (the ``a`` prior)
+    flops: float = 6.0e10  # sustained FLOP/s on encoder batches (sets the ``b`` prior)
+    bytes_per_param: float = 4.0  # 4 for fp32 weights, 2 for bf16/fp16
+    pipeline_stages: int = 8  # groups a load overlaps compute over (layers + 2); 1 = no pipelining
+    notes: str = ""  # how the figures were obtained
+
+    def __post_init__(self) -> None:
+        for name in ("host_to_device_bps", "disk_to_host_bps", "flops", "bytes_per_param"):
+            if not getattr(self, name) > 0:
+                raise InvalidConfig(f"device profile {self.name!r}: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("load_latency_s", "batch_overhead_s"):
+            if getattr(self, name) < 0:
+                raise InvalidConfig(f"device profile {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.pipeline_stages < 1:
+            raise InvalidConfig(f"device profile {self.name!r}: pipeline_stages must be >= 1")
+
+    def token_seconds(self, nbytes: int) -> float:
+        """Prior per-token execution time of a model with ``nbytes`` of weights (2 FLOPs per parameter)."""
+        return 2.0 * (nbytes / self.bytes_per_param) / self.flops
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> DeviceProfile:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidConfig(f"device profile: unknown keys {unknown}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeviceProfile:
+        """Read a profile from a JSON file; a bare name selects one of ``PROFILES``."""
+        if str(path) in PROFILES:
+            return PROFILES[str(path)]
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig(f"cannot read device profile {str(path)!r}: {exc}") from exc
+        return cls.from_dict(data)
+
+
+# Profiles the benchmarks use. "cpu-2core" was measured on the 2-core development machine with the real
+# all-MiniLM-L6-v2 in fp32 (see docs/bench/trace.md); "gpu-pcie4" is a datasheet-level accelerator:
+# PCIe 4.0 x16 pinned copies and ~40 TFLOP/s sustained in bf16.
+PROFILES: dict[str, DeviceProfile] = {
+    "cpu-2core": DeviceProfile(
+        notes="measured: MiniLM-L6 fp32, 2 cores, torch CPU; memcpy of its 91 MB weights",
+    ),
+    "gpu-pcie4": DeviceProfile(
+        name="gpu-pcie4",
+        host_to_device_bps=24e9,
+        disk_to_host_bps=3e9,
+        load_latency_s=0.001,
+        batch_overhead_s=0.002,
+        flops=4e13,
+        bytes_per_param=2.0,
+        pipeline_stages=8,
+        notes="datasheet-level: PCIe 4.0 x16 pinned copies, 40 TFLOP/s sustained bf16",
+    ),
+}
+
+
+@dataclass(slots=True)
+class LinearFit:
+    """``y = a + b * x`` fitted by least squares with exponential forgetting, anchored by a prior.
+
+    The prior enters as two pseudo-observations (at ``x = 0`` and ``x = x_ref``) of weight ``prior_weight``
+    that never decay, so the fit is defined from the first call and measurements dominate after a few.
+    """
+
+    a0: float
+    b0: float
+    x_ref: float = 256.0
+    prior_weight: float = 1.0
+    forget: float = 0.05  # each new observation scales older ones by (1 - forget)
+    a: float = field(init=False)
+    b: float = field(init=False)
+    _sw: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.a, self.b = self.a0, self.b0
+
+    def __call__(self, x: float) -> float:
+        return self.a + self.b * x
+
+    def observe(self, x: float, y: float) -> None:
+        if not (math.isfinite(x) and math.isfinite(y)) or y < 0:
+            return
+        k = 1.0 - self.forget
+        self._sw = self._sw * k + 1.0
+        self._sx = self._sx * k + x
+        self._sy = self._sy * k + y
+        self._sxx = self._sxx * k + x * x
+        self._sxy = self._sxy * k + x * y
+        w, r = self.prior_weight, self.x_ref
+        y_ref = self.a0 + self.b0 * r
+        sw = self._sw + 2 * w
+        sx = self._sx + w * r
+        sy = self._sy + w * (self.a0 + y_ref)
+        sxx = self._sxx + w * r * r
+        sxy = self._sxy + w * r * y_ref
+        det = sw * sxx - sx * sx
+        if det <= 0:
+            return
+        b = (sw * sxy - sx * sy) / det
+        a = (sy - b * sx) / sw
+        if b < 0:  # constrained refits: times never fall with tokens, overheads are never negative
+            a, b = sy / sw, 0.0
+        elif a < 0:
+            a, b = 0.0, sxy / sxx
+        self.a, self.b = a, b
+
+
+class CostModel:
+    """Predicts load and execution seconds; ``observe_*`` refine the predictions online.
+
+    Per-model execution fits can be seeded from a profile run (``set_exec``); otherwise they start from
+    the device profile and the model's weight bytes.
+    """
+
+    def __init__(
+        self, profile: DeviceProfile = PROFILES["cpu-2core"], *, forget: float = 0.05, load_alpha: float = 0.2
+    ) -> None:
+        self.profile = profile
+        self._forget = forget
+        self._load_alpha = load_alpha
+        self._exec: dict[str, LinearFit] = {}
+        self._bps = {Tier.HOST: profile.host_to_device_bps, Tier.DISK: profile.disk_to_host_bps}
+
+    def _fit(self, model: str, nbytes: int) -> LinearFit:
+        fit = self._exec.get(model)
+        if fit is None:
+            p = self.profile
+            fit = self._exec[model] = LinearFit(p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget)
+        return fit
+
+    def set_exec(self, model: str, a: float, b: float) -> None:
+        """Seed ``model``'s execution fit with profiled ``a`` (s per batch) and ``b`` (s per token)."""
+        self._exec[model] = LinearFit(a, b, forget=self._forget)
+
+    def exec_seconds(self, model: str, tokens: int, nbytes: int = 0) -> float:
+        """Predicted seconds to run one batch of ``tokens`` tokens on ``model`` (weights of ``nbytes``)."""
+        return self._fit(model, nbytes)(tokens)
+
+    def exec_params(self, model: str, nbytes: int = 0) -> tuple[float, float]:
+        fit = self._fit(model, nbytes)
+        return fit.a, fit.b
+
+    def load_seconds(self, nbytes: int, source: Tier = Tier.HOST) -> float:
+        """Predicted seconds to make ``nbytes`` of weights resident on the device from ``source``."""
+        if source is Tier.DEVICE:
+            return 0.0
+        seconds = self.profile.load_latency_s + nbytes / self._bps[Tier.HOST]
+        if source is Tier.DISK:
+            seconds += nbytes / self._bps[Tier.DISK]
+        return seconds
+
+    def step_seconds(self, load_s: float, exec_s: float) -> float:
+        """Wall time of a step that loads for ``load_s`` while computing for ``exec_s`` (pipelined)."""
+        if load_s <= 0:
+            return exec_s
+        return max(load_s, exec_s) + min(load_s, exec_s) / self.profile.pipeline_stages
+
+    def observe_exec(self, model: str, tokens: int, seconds: float, nbytes: int = 0) -> None:
+        """Fold one measured batch (``tokens`` tokens took ``seconds``) into ``model``'s fit."""
+        self._fit(model, nbytes).observe(float(tokens), seconds)
+
+    def observe_load(self, nbytes: int, seconds: float, source: Tier = Tier.HOST) -> None:
+        """Fold one measured load into the bandwidth of ``source`` (EWMA). Loads from disk are taken
+        as a read followed by a copy, so they refine the disk bandwidth only."""
+        if source is Tier.DEVICE or nbytes <= 0 or not math.isfinite(seconds):
+            return
+        moving = seconds - self.profile.load_latency_s
+        if source is Tier.DISK:
+            moving -= nbytes / self._bps[Tier.HOST]
+        if moving <= 0:
+            return
+        self._bps[source] += self._load_alpha * (nbytes / moving - self._bps[source])
+
+    def bandwidth(self, source: Tier) -> float:
+        """Current estimate of bytes/s into the device from ``source`` (disk: into the host tier)."""
+        return self._bps[source]

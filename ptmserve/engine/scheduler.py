@@ -1,0 +1,359 @@
+"""The online multi-model scheduler: which model runs next, with which batch, and what moves in memory.
+
+Contract with the engine (one worker thread; the scheduler is not thread-safe, the engine serialises calls):
+
+1. ``submit(req)`` whenever a request arrives (it may raise ``Overloaded`` or ``DeadlineExceeded``).
+2. When the worker is free: ``step = schedule(view)``.
+   - Fail every request of ``step.expired`` as a timeout (``DeadlineExceeded``); never run them.
+   - Evict ``step.evict`` from the device, in order; then, if ``step.load_needed``, load ``step.model``
+     (or wait for its load already in flight); start loading ``step.prefetch`` in the background.
+   - Run ``step.batch`` on ``step.model`` as one batch. A result ready after its request's deadline is
+     failed as a timeout, not delivered.
+   - Call ``on_step_done(step, ...)`` with what it measured, before the next ``schedule``.
+3. When a background load (prefetch) finishes or fails: ``on_load_done(model, ...)``.
+4. ``cancel(id)`` when a client goes away before its request was scheduled.
+
+Everything the scheduler decides about device memory goes through ``Step.evict`` and ``Step.prefetch``;
+``eviction_order`` ranks models for the weight manager's own evictions (host tier, or device overflow).
+
+Pure Python: no torch, no threads, an injected clock (seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ptmserve.engine.costs import CostModel, Tier
+from ptmserve.engine.policies import Context, ModelStats, Plan, Policy, StepKind, make_policy
+from ptmserve.engine.requests import Request, RequestQueues
+from ptmserve.errors import DeadlineExceeded, InvalidInput
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "SchedulerLimits", "Step", "StepKind", "TierSnapshot", "TierView"]
+
+
+class TierView(Protocol):
+    """What the scheduler needs to know about the weight tiers, at the moment ``schedule`` is called.
+
+    The engine's weight manager implements it (``TierSnapshot`` is a ready-made implementation).
+    """
+
+    @property
+    def resident(self) -> Collection[str]:
+        """Models whose weights are on the device and ready to run."""
+
+    @property
+    def loading(self) -> Collection[str]:
+        """Models being loaded onto the device now (their bytes are already reserved)."""
+
+    @property
+    def host(self) -> Collection[str]:
+        """Models held in the host tier (a load from there skips the disk)."""
+
+    @property
+    def busy(self) -> Collection[str]:
+        """Models with work in flight: they must not be evicted."""
+
+    @property
+    def device_budget(self) -> int:
+        """Byte budget of the device tier."""
+
+    @property
+    def device_free(self) -> int:
+        """Budget minus resident and reserved (loading) bytes."""
+
+    def model_bytes(self, model: str) -> int:
+        """Device bytes that loading ``model`` adds (and evicting it frees)."""
+
+
+@dataclass(slots=True)
+class TierSnapshot:
+    """A frozen ``TierView``: what tests, the simulator and a simple engine hand to ``schedule``."""
+
+    sizes: Mapping[str, int]  # model -> device bytes
+    device_budget: int
+    resident: frozenset[str] = frozenset()
+    loading: frozenset[str] = frozenset()
+    host: frozenset[str] = frozenset()
+    busy: frozenset[str] = frozenset()
+    device_free: int = -1  # -1: budget minus the sizes of resident and loading models
+
+    def __post_init__(self) -> None:
+        if self.device_free < 0:
+            used = sum(self.sizes[m] for m in self.resident | self.loading)
+            self.device_free = self.device_budget - used
+
+    def model_bytes(self, model: str) -> int:
+        return self.sizes[model]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    """Limits every policy obeys alike (the baselines get the same ones)."""
+
+    max_batch_requests: int = 64  # requests in one batch
+    max_batch_tokens: int = 8192  # tokens in one batch (a single longer request still runs alone)
+    max_queue_per_model_class: int = 1024  # a full model+class queue rejects with Overloaded
+    max_prefetch: int = 1  # models one step may start loading in the background
+    rate_window_s: float = 60.0  # time constant of the per-model arrival-rate estimate
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_requests", "max_batch_tokens", "max_queue_per_model_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prefetch < 0 or self.rate_window_s <= 0:
+            raise ValueError("max_prefetch must be >= 0 and rate_window_s > 0")
+
+
+@dataclass(slots=True)
+class Step:
+    """One decision of ``schedule``: what the engine does next, in this order."""
+
+    seq: int  # 1, 2, ... per scheduler
+    model: str | None  # the model whose batch runs; None when there is nothing to run now
+    batch: list[Request]  # run these as one batch on ``model``, in this order; empty when ``model`` is None
+    expired: list[Request]  # fail these as timeouts; they were taken out of the queues and must never run
+    load_needed: bool  # ``model`` is not resident: load it (or wait for its in-flight load) before/while running
+    evict: list[str]  # evict these from the device first, in order (never busy, loading or ``model``)
+    prefetch: list[str]  # then start loading these in the background; they overlap the batch
+    estimated_seconds: float  # predicted wall time of the load (if any) and the batch
+    tokens: int  # total tokens of ``batch``
+    kind: StepKind  # why this batch was chosen (real-time, batch, or batch forced by the starvation bound)
+    started: float = 0.0  # clock time ``schedule`` returned it
+    load_source: Tier = Tier.DEVICE  # where ``model``'s weights come from when ``load_needed``
+
+
+@dataclass(slots=True)
+class _LoadInFlight:
+    started: float
+    predicted_s: float
+
+
+class Scheduler:
+    """Decides, step by step, which model runs which batch; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        policy: Policy | str = "fastptm",
+        costs: CostModel | None = None,
+        limits: SchedulerLimits = SchedulerLimits(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.costs = costs if costs is not None else CostModel()
+        self.limits = limits
+        self.clock = clock
+        self.queues = RequestQueues(limits.max_queue_per_model_class)
+        self.stats: dict[str, ModelStats] = {}
+        self._sizes: dict[str, int] = {}  # last seen device bytes per model
+        self._resident: frozenset[str] = frozenset()  # as of the last schedule
+        self._loads: dict[str, _LoadInFlight] = {}  # prefetches started by our steps, not yet done
+        self._outstanding: Step | None = None
+        self._seq = 0
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> None:
+        """Queue ``req`` for its model and class.
+
+        Raises:
+            InvalidInput: ``req.tokens`` < 1.
+            DeadlineExceeded: the deadline has passed, or (for predictive policies) it cannot be met even
+                if the request ran alone right now; the request was not queued.
+            Overloaded: the queue of that model and class is full; the request was not queued.
+        """
+        if req.tokens < 1:
+            raise InvalidInput(f"a request needs at least one token, got {req.tokens}")
+        now = self.clock()
+        if req.deadline <= now:
+            raise DeadlineExceeded(f"request {req.id} for {req.model!r}: deadline already passed")
+        if self.policy.predictive_expiry:
+            nbytes = self._sizes.get(req.model, 0)
+            load = 0.0 if req.model in self._resident else self.costs.load_seconds(nbytes)
+            best = self.costs.step_seconds(load, self.costs.exec_seconds(req.model, req.tokens, nbytes))
+            if now + best > req.deadline:
+                raise DeadlineExceeded(
+                    f"request {req.id} for {req.model!r} cannot finish in time: needs ~{best * 1e3:.1f} ms, "
+                    f"has {(req.deadline - now) * 1e3:.1f} ms"
+                )
+        self.queues.push(req)
+        stats = self.stats.get(req.model)
+        if stats is None:
+            stats = self.stats[req.model] = ModelStats()
+        stats.arrive(now, self.limits.rate_window_s)
+
+    def cancel(self, request_id: int) -> bool:
+        """Remove a queued request. Returns False when it is not queued (already scheduled or finished)."""
+        req = self.queues.get(request_id)
+        if req is None:
+            return False
+        self.queues.remove(req)
+        return True
+
+    def pending(self) -> int:
+        """Requests queued and not yet handed out by ``schedule``."""
+        return len(self.queues)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline among queued requests: the latest time an idle engine should call
+        ``schedule`` again even if nothing else happens."""
+        head = self.queues.earliest()
+        return head.deadline if head else None
+
+    # -- decisions ------------------------------------------------------------------------------------
+
+    def schedule(self, view: TierView) -> Step | None:
+        """Decide the next step given the tiers as they are now.
+
+        Returns None when nothing is queued. Otherwise a ``Step``: its ``batch`` is non-empty unless every
+        candidate is blocked (its bytes cannot be freed because models are busy or loading); the engine
+        then fails ``expired`` and calls again after the next ``on_load_done`` or ``submit``.
+
+        Raises:
+            RuntimeError: the previous step has not been reported with ``on_step_done``.
+        """
+        if self._outstanding is not None:
+            raise RuntimeError(f"step {self._outstanding.seq} is still outstanding; call on_step_done first")
+        if not self.queues:
+            return None
+        ctx = self._context(view)
+        self.policy.expire(ctx)
+        chosen: tuple[Plan, list[str]] | None = None
+        for plan in self.policy.plans(ctx):
+            if not plan.batch:
+                continue
+            evict = self._room(ctx, ctx.missing_bytes(plan.model), ctx.device_free, {plan.model})
+            if evict is not None:
+                chosen = (plan, evict)
+                break
+        self._seq += 1
+        if chosen is None:
+            if not ctx.expired:
+                return None
+            return Step(self._seq, None, [], ctx.expired, False, [], [], 0.0, 0, StepKind.IDLE, ctx.now)
+        plan, evict = chosen
+        for req in plan.batch:
+            self.queues.remove(req)
+        model = plan.model
+        tokens = sum(r.tokens for r in plan.batch)
+        load_needed = not ctx.is_resident(model)
+        step = Step(
+            seq=self._seq,
+            model=model,
+            batch=plan.batch,
+            expired=ctx.expired,
+            load_needed=load_needed,
+            evict=evict,
+            prefetch=[],
+            estimated_seconds=ctx.step_seconds(model, tokens),
+            tokens=tokens,
+            kind=plan.kind,
+            started=ctx.now,
+            load_source=ctx.source(model),
+        )
+        self._add_prefetch(ctx, step)
+        stats = self.stats.setdefault(model, ModelStats())
+        stats.last_used = ctx.now
+        self.policy.on_step(ctx, step)
+        self._outstanding = step
+        return step
+
+    def _context(self, view: TierView) -> Context:
+        now = self.clock()
+        for m in list(self._loads):
+            if m not in view.loading:  # finished or failed without on_load_done: stop predicting it
+                del self._loads[m]
+        self._resident = frozenset(view.resident)
+        return Context(
+            now=now,
+            view=view,
+            queues=self.queues,
+            costs=self.costs,
+            limits=self.limits,
+            stats=self.stats,
+            sizes=self._sizes,
+            load_remaining={m: max(0.0, ld.started + ld.predicted_s - now) for m, ld in self._loads.items()},
+        )
+
+    def _room(self, ctx: Context, need: int, free: int, protect: set[str]) -> list[str] | None:
+        """Models to evict so that ``need`` bytes fit in ``free``; None when that is impossible."""
+        if need <= free:
+            return []
+        view = ctx.view
+        busy, loading = set(view.busy), set(view.loading)
+        candidates = [m for m in view.resident if m not in protect and m not in busy and m not in loading]
+        evict: list[str] = []
+        for m in self.policy.eviction_order(ctx, candidates):
+            if free >= need:
+                break
+            evict.append(m)
+            free += ctx.nbytes(m)
+        return evict if free >= need else None
+
+    def _add_prefetch(self, ctx: Context, step: Step) -> None:
+        if self.limits.max_prefetch == 0 or step.model is None:
+            return
+        free = ctx.device_free + sum(ctx.nbytes(m) for m in step.evict) - ctx.missing_bytes(step.model)
+        protect = {step.model, *step.evict}
+        for model in self.policy.prefetch(ctx, step.model, free):
+            if len(step.prefetch) >= self.limits.max_prefetch:
+                break
+            if model in protect or ctx.is_resident(model) or model in ctx.view.loading:
+                continue
+            need = ctx.nbytes(model)
+            more = self._room(ctx, need, free, protect | {model} | set(step.evict))
+            if more is None:
+                continue
+            more = [m for m in more if m not in step.evict]
+            step.evict.extend(more)
+            free += sum(ctx.nbytes(m) for m in more) - need
+            protect.add(model)
+            step.prefetch.append(model)
+            self._loads[model] = _LoadInFlight(ctx.now, ctx.costs.load_seconds(need, ctx.source(model)))
+
+    # -- feedback -------------------------------------------------------------------------------------
+
+    def on_step_done(
+        self,
+        step: Step,
+        exec_seconds: float,
+        load_seconds: float = 0.0,
+        loaded_bytes: int = 0,
+        ok: bool = True,
+    ) -> None:
+        """Report that ``step`` finished (or failed, ``ok=False``): ``exec_seconds`` of compute, and the
+        demand load it needed (``load_seconds`` moving ``loaded_bytes``; zeros if it needed none).
+        Measurements refine the cost model; a failed step only releases the worker."""
+        if self._outstanding is not step:
+            raise RuntimeError(f"step {step.seq} is not the outstanding step")
+        self._outstanding = None
+        if step.model is None or not ok:
+            return
+        nbytes = self._sizes.get(step.model, 0)
+        if exec_seconds > 0 and math.isfinite(exec_seconds):
+            self.costs.observe_exec(step.model, step.tokens, exec_seconds, nbytes)
+        if load_seconds > 0 and loaded_bytes > 0:
+            self.costs.observe_load(loaded_bytes, load_seconds, step.load_source)
+        self.stats.setdefault(step.model, ModelStats()).last_used = self.clock()
+
+    def on_load_done(
+        self, model: str, seconds: float, nbytes: int, source: Tier = Tier.HOST, ok: bool = True
+    ) -> None:
+        """Report that a background load of ``model`` finished (``ok``) or failed after ``seconds``."""
+        self._loads.pop(model, None)
+        if ok:
+            self.costs.observe_load(nbytes, seconds, source)
+            stats = self.stats.setdefault(model, ModelStats())
+            stats.last_used = max(stats.last_used, self.clock())
+
+    def eviction_order(self, models: Iterable[str], view: TierView) -> list[str]:
+        """Rank ``models`` for eviction, the first to evict first, by the policy's own order (LRU for the
+        baselines, expected reuse for fastptm). For the weight manager's evictions outside ``Step``."""
+        ctx = self._context(view)
+        return self.policy.eviction_order(ctx, list(models))

@@ -1,0 +1,192 @@
+"""Load jobs: bring one model's tensors into a tier, layer group by layer group.
+
+A job is planned under the weight manager's lock (which entries it must read from disk, which it must
+copy to the device, which other jobs it must wait for) and executed on a loader thread without the lock.
+Group ``g`` is read from the repository into the host tier, then its copies are queued on the copy
+engine; the loader moves on to read group ``g + 1`` while ``g`` is copied and an earlier group computes.
+Compute waits only for the fences of the group it is about to run: that is the pipelining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptmserve import errors
+from ptmserve.memory.cache import Entry, TensorSpec
+from ptmserve.memory.copy import CopyEngine, Fence
+from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.store.manifest import ModelManifest, TensorEntry, torch_dtype
+from ptmserve.store.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class ModelRecord:
+    """What the manager knows about one model. Mutable fields change only under the manager's lock."""
+
+    name: str
+    manifest: ModelManifest
+    config: EncoderConfig
+    pooling: Pooling
+    host_specs: dict[str, TensorSpec]  # tensor name -> spec in the host tier (stored dtype)
+    device_specs: dict[str, TensorSpec]  # tensor name -> spec in the device tier (serve dtype)
+    pins: int = 0  # acquired and not yet released: never evicted while > 0
+    jobs: int = 0  # loads in flight that read or fill this model's entries
+    device_job: LoadJob | None = None  # the load that made (or is making) the model device-resident
+    host_job: LoadJob | None = None  # a host-only prefetch in flight
+    checked: bool = False  # tensor names and shapes checked against the skeleton
+
+    @classmethod
+    def from_manifest(cls, manifest: ModelManifest, serve_dtype: torch.dtype | None) -> ModelRecord:
+        host: dict[str, TensorSpec] = {}
+        device: dict[str, TensorSpec] = {}
+        for e in manifest.tensors:
+            stored = torch_dtype(e.dtype)
+            held = serve_dtype if serve_dtype is not None and stored.is_floating_point else stored
+            host[e.name] = TensorSpec((e.sha256, stored, e.shape), e.shape, stored)
+            device[e.name] = TensorSpec((e.sha256, stored, e.shape, held), e.shape, held)
+        return cls(
+            name=manifest.name,
+            manifest=manifest,
+            config=EncoderConfig.from_dict(manifest.config),
+            pooling=Pooling.from_dict(manifest.pooling),
+            host_specs=host,
+            device_specs=device,
+        )
+
+    @staticmethod
+    def unique(specs: dict[str, TensorSpec]) -> list[TensorSpec]:
+        """Specs with duplicate content keys removed (identical tensors are held once)."""
+        return list({s.key: s for s in specs.values()}.values())
+
+    def device_ready(self) -> bool:
+        job = self.device_job
+        return job is not None and job.done.is_set() and job.done.error is None
+
+
+@dataclass(slots=True)
+class GroupPlan:
+    """The work of one layer group."""
+
+    name: str
+    reads: list[tuple[TensorEntry, Entry]] = field(default_factory=list)  # disk -> host entry (ours)
+    sources: list[Entry] = field(default_factory=list)  # host entries another job fills; wait first
+    copies: list[tuple[Entry, Entry]] = field(default_factory=list)  # (device entry ours, host source)
+    ready: list[Fence] = field(default_factory=list)  # what compute must wait for before this group
+
+
+class LoadJob:
+    """One load of one model into the host tier (and the device tier when ``to_device``)."""
+
+    def __init__(self, model: str, groups: list[GroupPlan], params: dict[str, nn.Parameter]) -> None:
+        self.model = model
+        self.groups = {g.name: g for g in groups}
+        self.params = params  # tensor name -> device parameter, for binding a skeleton
+        self.owned_host = list({id(h): h for g in groups for _, h in g.reads}.values())
+        self.owned_device = [d for g in groups for d, _ in g.copies]
+        self.bytes_read = sum(h.nbytes for h in self.owned_host)
+        self.bytes_copied = sum(d.nbytes for d in self.owned_device)
+        self.done = Fence()
+        self.started = time.perf_counter()
+
+    def wait_group(self, group: str) -> None:
+        """Block until ``group``'s weights are usable on the device; raise the load's error if not."""
+        plan = self.groups.get(group)
+        if plan is None:
+            return
+        for fence in plan.ready:
+            fence.wait()
+
+    def execute(self, repo: Repository, copier: CopyEngine, *, verify: bool) -> None:
+        """Run the plan. On failure every fence this job owns is failed with the error (other jobs
+        and waiters learn of it), queued copies are drained, and the error is raised."""
+        try:
+            for plan in self.groups.values():
+                self._load_group(plan, repo, copier, verify)
+            for plan in self.groups.values():
+                for fence in plan.ready:
+                    fence.synchronize()
+        except BaseException as exc:
+            error = as_load_error(exc, self.model)
+            for entry in self.owned_host + self.owned_device:
+                entry.ready.fail(error)
+            for entry in self.owned_device:  # no queued copy may write into a buffer once it is freed
+                with contextlib.suppress(BaseException):
+                    entry.ready.synchronize()
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _load_group(self, plan: GroupPlan, repo: Repository, copier: CopyEngine, verify: bool) -> None:
+        if plan.reads:
+            out = {e.name: h.tensor for e, h in plan.reads}
+            repo.read_into([e for e, _ in plan.reads], out, verify=verify, model=self.model)
+            for _, h in plan.reads:
+                h.ready.set()
+        for h in plan.sources:
+            h.ready.wait()
+        if plan.copies:
+            pairs = [(d.tensor, h.tensor) for d, h in plan.copies]
+            copier.submit(pairs, [d.ready for d, _ in plan.copies])
+
+
+def as_load_error(exc: BaseException, model: str) -> errors.PtmError:
+    """The typed error every waiter of a failed load sees."""
+    if isinstance(exc, errors.PtmError):
+        return exc
+    return errors.NotReady(f"loading model {model!r} failed: {type(exc).__name__}: {exc}")
+
+
+def plan_load(
+    model: ModelRecord,
+    host_entries: dict[Hashable, Entry],
+    host_created: list[Entry],
+    device_entries: dict[Hashable, Entry] | None,
+    device_created: list[Entry],
+) -> LoadJob:
+    """Plan a load of ``model`` given the entries its claims returned.
+
+    Reads each host entry this job created once (in the first group that uses it), copies each device
+    entry it created from its host source, and makes each group wait for all of its device entries,
+    including those another job is still filling. Without ``device_entries`` it is a host-only load.
+    """
+    mine_host = {id(h) for h in host_created}
+    mine_dev = {id(d) for d in device_created}
+    planned: set[int] = set()
+    waited: set[int] = set()
+    params: dict[str, nn.Parameter] = {}
+    groups = []
+    for group in model.manifest.group_names():
+        plan = GroupPlan(group)
+        for e in model.manifest.entries(group):
+            h = host_entries.get(model.host_specs[e.name].key)
+            d = None if device_entries is None else device_entries[model.device_specs[e.name].key]
+            if d is not None:
+                params[e.name] = d.parameter()
+                if id(d) not in waited:
+                    waited.add(id(d))
+                    plan.ready.append(d.ready)
+                if id(d) not in mine_dev or id(d) in planned:
+                    continue
+                planned.add(id(d))
+                assert h is not None, "a device entry to fill needs a host source"
+                plan.copies.append((d, h))
+            if h is None or id(h) in planned:
+                continue
+            planned.add(id(h))
+            if id(h) in mine_host:
+                plan.reads.append((e, h))
+            else:
+                plan.sources.append(h)
+                if d is None:
+                    plan.ready.append(h.ready)
+        groups.append(plan)
+    return LoadJob(model.name, groups, params)

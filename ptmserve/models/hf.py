@@ -1,0 +1,156 @@
+"""Read a Hugging Face checkpoint folder into our names.
+
+A folder holds ``config.json``, ``model.safetensors`` (or a sharded ``model.safetensors.index.json``,
+or ``pytorch_model.bin``, read with ``weights_only=True``) and ``tokenizer.json``. When the
+sentence-transformers files are there, they decide the pooling (``modules.json``,
+``1_Pooling/config.json``, the Normalize module) and the truncation length
+(``sentence_bert_config.json``'s ``max_seq_length``). Without them the pooling is mean over tokens with
+no normalisation, and inputs are truncated at the model's longest position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptmserve.errors import InvalidCheckpoint
+from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.models.encoder import Encoder, check_tensors
+from ptmserve.models.names import translate_names
+
+log = logging.getLogger(__name__)
+
+_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+_ST_POOLING = "sentence_transformers.models.Pooling"
+_ST_NORMALIZE = "sentence_transformers.models.Normalize"
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A checkpoint read into our names, ready to import or to run."""
+
+    config: EncoderConfig
+    pooling: Pooling
+    max_length: int  # truncation length in tokens, special tokens included
+    tensors: dict[str, torch.Tensor]  # our parameter names -> CPU tensors in the stored dtype
+    tokenizer_json: bytes  # the folder's tokenizer.json, unchanged
+    source: Path
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read the checkpoint in ``folder``.
+
+    Raises:
+        InvalidCheckpoint: a missing file, an unsupported architecture or sentence-transformers module,
+            or weights that do not match the config (missing, unexpected or mis-shaped keys).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidCheckpoint(f"checkpoint folder {str(folder)!r} does not exist")
+    config = EncoderConfig.from_hf(_read_json(folder / "config.json"))
+    tokenizer_path = folder / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise InvalidCheckpoint(f"{str(folder)!r} has no tokenizer.json (the fast tokenizer file)")
+    tensors = _translate(config, _load_weights(folder))
+    pooling, max_length = _sentence_transformers(folder, config)
+    return Checkpoint(
+        config=config,
+        pooling=pooling,
+        max_length=max_length,
+        tensors=tensors,
+        tokenizer_json=tokenizer_path.read_bytes(),
+        source=folder,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InvalidCheckpoint(f"{str(path.parent)!r} has no {path.name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpoint(f"{str(path)!r} is not valid JSON: {exc}") from exc
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (folder / "model.safetensors").is_file():
+            return load_file(folder / "model.safetensors")
+        if (folder / "model.safetensors.index.json").is_file():
+            index = _read_json(folder / "model.safetensors.index.json")
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                out.update(load_file(folder / shard))
+            return out
+        if (folder / "pytorch_model.bin").is_file():
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise InvalidCheckpoint("pytorch_model.bin does not hold a state dict")
+            return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except (SafetensorError, OSError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise InvalidCheckpoint(f"cannot read the weights in {str(folder)!r}: {exc}") from exc
+    raise InvalidCheckpoint(
+        f"{str(folder)!r} has no weights "
+        "(model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
+
+
+def _translate(config: EncoderConfig, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tr = translate_names(config.family, raw, with_head=bool(config.labels))
+    if tr.unexpected or tr.duplicates:
+        raise InvalidCheckpoint(
+            f"checkpoint keys that a {config.family} model does not have: unexpected {tr.unexpected}, "
+            f"duplicated {tr.duplicates}"
+        )
+    if tr.ignored:
+        log.debug("ignoring %d unused checkpoint keys: %s", len(tr.ignored), tr.ignored)
+    tensors = {ours: raw[theirs].contiguous() for theirs, ours in tr.names.items()}
+    with torch.device("meta"):
+        skeleton = Encoder(config)
+    check_tensors(skeleton, tensors)  # missing keys and wrong shapes, before anything is copied
+    return tensors
+
+
+def _sentence_transformers(folder: Path, config: EncoderConfig) -> tuple[Pooling, int]:
+    """Pooling and truncation length from the sentence-transformers files (defaults without them)."""
+    max_length = config.max_tokens
+    if (folder / "sentence_bert_config.json").is_file():
+        declared = _read_json(folder / "sentence_bert_config.json").get("max_seq_length")
+        if declared:
+            max_length = min(int(declared), config.max_tokens)
+    pooling_dir: Path | None = None
+    normalize = False
+    if (folder / "modules.json").is_file():
+        for module in _read_json(folder / "modules.json"):
+            kind = module.get("type", "")
+            if kind == _ST_POOLING:
+                pooling_dir = folder / module.get("path", "1_Pooling")
+            elif kind == _ST_NORMALIZE:
+                normalize = True
+            elif kind != _ST_TRANSFORMER:
+                raise InvalidCheckpoint(f"unsupported sentence-transformers module {kind!r} in modules.json")
+    elif (folder / "1_Pooling" / "config.json").is_file():
+        pooling_dir = folder / "1_Pooling"
+    if pooling_dir is None:
+        return Pooling(mode="mean", normalize=normalize), max_length
+    return Pooling(
+        mode=_pooling_mode(_read_json(pooling_dir / "config.json")), normalize=normalize
+    ), max_length
+
+
+def _pooling_mode(cfg: dict[str, Any]) -> str:
+    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+    if modes == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if modes == ["pooling_mode_cls_token"]:
+        return "cls"
+    raise InvalidCheckpoint(f"unsupported sentence-transformers pooling {modes}; only mean or cls alone")

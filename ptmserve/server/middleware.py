@@ -1,0 +1,132 @@
+"""The guard every HTTP request passes: API key, body size limit, the last-resort error answer, metrics.
+
+A pure ASGI middleware (no ``BaseHTTPMiddleware``, which would hide client disconnects from the routes).
+It reads the whole body up to ``max_body_bytes`` before the route runs, so an oversized body is refused
+with 413 without being buffered, and the route's ``receive`` then reports the client's disconnect.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ptmserve.errors import PayloadTooLarge, PtmError, Unauthorized
+from ptmserve.server.errors import error_response
+from ptmserve.server.settings import ServerSettings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class HttpMetrics:
+    """HTTP-level counters, in a registry of their own (rendered at /metrics after the engine's)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ptmserve_http_requests",
+            "HTTP requests by route template, method and status code (499: the client went away).",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "ptmserve_http_request_seconds",
+            "Time from the request's arrival to the end of its answer.",
+            ["route"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "ptmserve_http_requests_in_flight", "HTTP requests being served now.", registry=self.registry
+        )
+
+
+class Guard:
+    """Auth, body limit, error safety net and HTTP metrics around the FastAPI app."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self._key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state = {"status": 499, "started": False}
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["started"] = True
+            await send(message)
+
+        path = scope["path"]
+        self.metrics.in_flight.inc()
+        try:
+            self._authorize(scope)
+            replay = await self._read_body(scope, receive)
+            if replay is not None:
+                await self.app(scope, replay, send_and_note)
+        except Exception as exc:  # PtmError from here, or a bug in a route: answer once, never crash
+            if not state["started"]:
+                await error_response(exc, path)(scope, receive, send_and_note)
+            elif not isinstance(exc, PtmError):
+                error_response(exc, path)  # logs the bug; the client already has a partial answer
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(template, scope["method"], str(state["status"])).inc()
+            self.metrics.seconds.labels(template).observe(time.perf_counter() - start)
+
+    def _authorize(self, scope: Scope) -> None:
+        if self._key is None or scope["path"] in HEALTH_PATHS:
+            return
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+                    return
+                raise Unauthorized("wrong API key")
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive | None:
+        """A receive that replays the whole body, then passes on; None if the client left meanwhile."""
+        limit = self.settings.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"body of {int(value)} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            if pending:
+                return pending.pop()
+            return await receive()
+
+        return replay

@@ -1,0 +1,105 @@
+"""Settings of the HTTP layer: where to listen, who may call, and how much one request may ask for.
+
+Engine settings (budgets, device, model control) live with the engine; these only shape HTTP traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from ptmserve.errors import InvalidConfig
+
+LongInputs = Literal["truncate", "reject"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """HTTP limits and listening address, validated once at construction.
+
+    ``long_inputs`` says what happens to an input longer than the model's ``max_tokens``: ``truncate``
+    keeps its first ``max_tokens`` tokens (as the model's config says), ``reject`` answers 400.
+    """
+
+    host: str = "127.0.0.1"  # loopback only unless asked otherwise
+    port: int = 8000
+    api_key: str | None = None  # when set, every route but health needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 before they are read in full
+    max_batch_inputs: int = 256  # inputs per request; more gets 413
+    max_input_chars: int = 200_000  # characters per text input; more gets 413 (bounds tokenizer work)
+    long_inputs: LongInputs = "truncate"
+    drain_seconds: float = 30.0  # on SIGTERM: time allowed for in-flight requests to finish
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not self.host:
+            problems.append("host must not be empty")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
+            problems.append("api_key must be a non-empty string without whitespace")
+        for name in ("max_body_bytes", "max_batch_inputs", "max_input_chars"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_inputs not in ("truncate", "reject"):
+            problems.append(f"long_inputs {self.long_inputs!r} is not 'truncate' or 'reject'")
+        if self.drain_seconds < 0:
+            problems.append(f"drain_seconds must be >= 0, got {self.drain_seconds}")
+        if problems:
+            raise InvalidConfig("; ".join(problems))
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the server listens on a loopback address only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the HTTP flags (``--host``, ``--port``, ``--api-key``, limits) to a ``serve`` parser."""
+    d = ServerSettings()
+    g = parser.add_argument_group("HTTP server")
+    g.add_argument("--host", default=d.host, help="address to bind (default %(default)s: this machine only)")
+    g.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route except /v2/health/* "
+        "(default: the PTMSERVE_API_KEY environment variable, else no auth)",
+    )
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
+    g.add_argument("--max-batch-inputs", type=int, default=d.max_batch_inputs, help="413 above this")
+    g.add_argument("--max-input-chars", type=int, default=d.max_input_chars, help="413 above this")
+    g.add_argument(
+        "--long-inputs",
+        choices=("truncate", "reject"),
+        default=d.long_inputs,
+        help="inputs longer than the model's max tokens: truncate them, or answer 400 (default %(default)s)",
+    )
+    g.add_argument(
+        "--drain-seconds", type=float, default=d.drain_seconds, help="SIGTERM grace period for in-flight work"
+    )
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
+    """Build ``ServerSettings`` from flags added by ``add_server_arguments``."""
+    import os
+
+    env = os.environ if environ is None else environ
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or env.get("PTMSERVE_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_inputs=args.max_batch_inputs,
+        max_input_chars=args.max_input_chars,
+        long_inputs=args.long_inputs,
+        drain_seconds=args.drain_seconds,
+    )

@@ -1,0 +1,116 @@
+"""Import a Hugging Face checkpoint folder into the repository."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptmserve import errors
+from ptmserve.store.manifest import MODEL_DTYPES, ModelManifest, dtype_name, torch_dtype, validate_name
+from ptmserve.store.repository import Repository
+from ptmserve.store.writer import ProgressFn
+
+logger = logging.getLogger(__name__)
+
+IMPORT_DTYPES = ("auto", *MODEL_DTYPES)
+_LOG_EVERY = 256 << 20  # log progress every this many new bytes
+
+
+def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto") -> ModelManifest:
+    """Read the checkpoint folder ``src`` and store it as model ``name`` (replacing one of that name).
+
+    Args:
+        repo: the target repository.
+        src: a Hugging Face checkpoint folder (config.json, weights, tokenizer.json).
+        name: the model name.
+        dtype: "auto" keeps the checkpoint's floating dtype; "float32", "bfloat16" or "float16"
+            casts every floating tensor (integer tensors are kept as they are).
+
+    Returns:
+        The stored manifest.
+
+    Raises:
+        errors.InvalidInput: bad name or dtype.
+        errors.InvalidCheckpoint: the folder cannot be read as a supported checkpoint.
+    """
+    from ptmserve.models.hf import read_checkpoint  # heavy import, only needed here
+
+    validate_name(name)
+    if dtype not in IMPORT_DTYPES:
+        raise errors.InvalidInput(f"import dtype must be one of {IMPORT_DTYPES}, got {dtype!r}")
+    started = time.monotonic()
+    ckpt = read_checkpoint(Path(src))
+    tensors = dict(ckpt.tensors)
+    target = checkpoint_dtype(tensors) if dtype == "auto" else dtype
+    if dtype != "auto":
+        tensors = cast_floating(tensors, torch_dtype(target))
+    manifest = repo.add_model(
+        name,
+        config=ckpt.config.to_dict(),
+        pooling=_as_dict(ckpt.pooling),
+        tokenizer_json=bytes(ckpt.tokenizer_json),
+        dtype=target,
+        tensors=tensors,
+        max_length=getattr(ckpt, "max_length", None),
+        progress=_progress_logger(name),
+    )
+    logger.info(
+        "imported %s from %s as %s: %d tensors, %.1f MB in %.2f s",
+        name,
+        src,
+        target,
+        len(tensors),
+        manifest.total_bytes / 1e6,
+        time.monotonic() - started,
+    )
+    return manifest
+
+
+def checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The model dtype of a checkpoint: the floating dtype holding the most bytes.
+
+    Raises:
+        errors.InvalidCheckpoint: no floating tensor, or a floating dtype ptmserve does not serve.
+    """
+    totals: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            totals[t.dtype] = totals.get(t.dtype, 0) + t.numel() * t.element_size()
+    if not totals:
+        raise errors.InvalidCheckpoint("the checkpoint has no floating-point tensors")
+    name = dtype_name(max(totals, key=lambda d: totals[d]))
+    if name not in MODEL_DTYPES:
+        raise errors.InvalidCheckpoint(f"checkpoint dtype {name} is not one of {MODEL_DTYPES}")
+    return name
+
+
+def cast_floating(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast every floating tensor to ``dtype``; others are returned unchanged."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _as_dict(pooling: Any) -> dict[str, Any]:
+    if isinstance(pooling, Mapping):
+        return dict(pooling)
+    if hasattr(pooling, "to_dict"):
+        return dict(pooling.to_dict())
+    if dataclasses.is_dataclass(pooling) and not isinstance(pooling, type):
+        return dataclasses.asdict(pooling)
+    raise errors.InvalidCheckpoint(f"cannot store pooling of type {type(pooling).__name__}")
+
+
+def _progress_logger(name: str) -> ProgressFn:
+    state = {"logged": 0}
+
+    def progress(done: int, total: int) -> None:
+        if done - state["logged"] >= _LOG_EVERY or (done == total and state["logged"]):
+            state["logged"] = done
+            logger.info("importing %s: %.1f / %.1f MB new data written", name, done / 1e6, total / 1e6)
+
+    return progress

@@ -1,0 +1,124 @@
+"""Switching between models through every tier path gives a freshly loaded model's exact results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptmserve.memory.records import Residency
+
+from .helpers import add_model, assert_same, batch, model_bytes, reference, run, tiny_config
+
+
+def loads(manager, tier: str = "device") -> list[tuple[str, int]]:
+    return [(e.model, e.nbytes) for e in manager.events if e.kind == "load" and e.tier == tier]
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_b_a_is_bit_identical_on_every_tier_path(repo, make_manager, pipelined: bool) -> None:
+    cfg_a, cfg_b = tiny_config(labels=("x", "y")), tiny_config(hidden=48, layers=3)
+    ta, tb = add_model(repo, "a", cfg_a, seed=1), add_model(repo, "b", cfg_b, seed=2)
+    size_a, size_b = model_bytes(ta), model_bytes(tb)
+    b0 = batch()
+    ref_a, ref_b = reference(cfg_a, ta, b0), reference(cfg_b, tb, b0)
+    # The device holds one of the two at a time; the host holds both.
+    m = make_manager(device_budget=max(size_a, size_b) + 1000, host_budget=size_a + size_b, pipelined=pipelined)
+
+    assert m.residency("a") == Residency(False, False, False)
+    assert_same(run(m, "a", b0, classify=True), ref_a)  # disk
+    assert loads(m, "host") == [("a", size_a)] and loads(m, "device") == [("a", size_a)]
+    assert m.residency("a") == Residency(on_device=True, on_host=True, loading=False)
+
+    assert_same(run(m, "a", b0, classify=True), ref_a)  # device hit: nothing moves
+    assert len(loads(m)) == 1
+
+    assert_same(run(m, "b", b0), ref_b)  # disk; evicts a from the device
+    assert m.residency("a") == Residency(on_device=False, on_host=True, loading=False)
+    assert [e.model for e in m.events if e.kind == "evict"] == ["a"]
+
+    assert_same(run(m, "a", b0, classify=True), ref_a)  # host hit: copied, not read
+    assert loads(m, "host") == [("a", size_a), ("b", size_b)]
+    assert loads(m, "device")[-1] == ("a", size_a)
+
+    m.evict("a", host=True)
+    assert m.residency("a") == Residency(False, False, False)
+    assert_same(run(m, "a", b0, classify=True), ref_a)  # disk again
+    assert loads(m, "host")[-1] == ("a", size_a)
+
+
+def test_pipelined_and_unpipelined_outputs_are_identical(repo, make_manager) -> None:
+    cfg = tiny_config(layers=4, labels=("x", "y", "z"))
+    add_model(repo, "m", cfg, seed=3)
+    b0 = batch(5)
+    outs = []
+    for pipelined in (True, False):
+        manager = make_manager(pipelined=pipelined)
+        outs.append(run(manager, "m", b0, classify=True))
+    assert_same(outs[0], outs[1])
+
+
+def test_fine_tunes_of_one_backbone_share_bytes_and_a_switch_copies_only_the_head(repo, make_manager) -> None:
+    cfg = tiny_config(labels=("x", "y"))
+    backbone = {k: v for k, v in add_model(repo, "c0", cfg, seed=10).items() if not k.startswith("head.")}
+    tensors = {0: None}
+    tensors[0] = dict(repo_tensors := add_model(repo, "c0", cfg, seed=10))  # noqa: F841
+    heads = {}
+    for i in range(1, 4):
+        head = {k: v for k, v in add_model(repo, f"tmp{i}", cfg, seed=10 + i).items() if k.startswith("head.")}
+        heads[i] = head
+        add_model(repo, f"c{i}", cfg, tensors={**backbone, **head})
+        repo.remove(f"tmp{i}")
+    full = model_bytes(tensors[0])
+    head_bytes = model_bytes(heads[1])
+    # Room on the device for the backbone and one head only.
+    m = make_manager(device_budget=full + head_bytes // 2, host_budget=full + 3 * head_bytes)
+    b0 = batch()
+    for i in (1, 2, 3, 1):
+        ref = reference(cfg, {**backbone, **heads[i]}, b0)
+        assert_same(run(m, f"c{i}", b0, classify=True), ref)
+    device_loads = loads(m)
+    assert device_loads[0] == ("c1", full)
+    assert device_loads[1:] == [("c2", head_bytes), ("c3", head_bytes), ("c1", head_bytes)]
+    host = m.stats().host
+    assert host.used_bytes == full + 2 * head_bytes  # backbone held once (c1's head was evicted? no: all fit)
+    assert m.stats().device.used_bytes <= full + head_bytes // 2
+    assert m.stats().device.per_model == {"c1": full}
+
+
+def test_switching_between_models_of_one_shape_allocates_and_builds_nothing(repo, make_manager) -> None:
+    cfg = tiny_config()
+    tensors = {n: add_model(repo, n, cfg, seed=i) for i, n in enumerate(("a", "b", "c"))}
+    size = model_bytes(tensors["a"])
+    m = make_manager(device_budget=size, host_budget=3 * size)
+    b0 = batch()
+    run(m, "a", b0)
+    first = m.stats()
+    for name in ("b", "c", "a", "c", "b"):
+        assert_same(run(m, name, b0), reference(cfg, tensors[name], b0))
+    after = m.stats()
+    assert after.device.allocations == first.device.allocations  # every buffer came from the free list
+    assert after.skeletons_built == 1
+    assert after.device.used_bytes <= size
+
+
+def test_serve_dtype_differs_from_the_stored_dtype(repo, make_manager) -> None:
+    cfg = tiny_config(labels=("x", "y"))
+    tensors = add_model(repo, "m", cfg, seed=4)
+    m = make_manager(dtype="bfloat16")
+    b0 = batch()
+    out = run(m, "m", b0, classify=True)
+    assert_same(out, reference(cfg, tensors, b0, dtype=torch.bfloat16))
+    assert m.stats().device.per_model["m"] == model_bytes(tensors) // 2
+    assert m.stats().host.per_model["m"] == model_bytes(tensors)
+
+
+def test_loaded_model_exposes_a_bound_encoder_until_released(repo, make_manager) -> None:
+    cfg = tiny_config()
+    tensors = add_model(repo, "m", cfg, seed=6)
+    m = make_manager()
+    with m.acquire("m") as loaded:
+        loaded.wait()
+        assert torch.equal(loaded.encoder.layers[1].up.weight, tensors["layers.1.up.weight"])
+        assert loaded.manifest.name == "m"
+        enc = loaded.encoder
+    assert enc.layers[1].up.weight.is_meta  # unbound: holds no device memory
