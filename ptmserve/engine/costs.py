@@ -46,10 +46,14 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         for name in ("host_to_device_bps", "disk_to_host_bps", "flops", "bytes_per_param"):
             if not getattr(self, name) > 0:
-                raise InvalidConfig(f"device profile {self.name!r}: {name} must be > 0, got {getattr(self, name)}")
+                raise InvalidConfig(
+                    f"device profile {self.name!r}: {name} must be > 0, got {getattr(self, name)}"
+                )
         for name in ("load_latency_s", "batch_overhead_s"):
             if getattr(self, name) < 0:
-                raise InvalidConfig(f"device profile {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
+                raise InvalidConfig(
+                    f"device profile {self.name!r}: {name} must be >= 0, got {getattr(self, name)}"
+                )
         if self.pipeline_stages < 1:
             raise InvalidConfig(f"device profile {self.name!r}: pipeline_stages must be >= 1")
 
@@ -176,7 +180,9 @@ class CostModel:
         fit = self._exec.get(model)
         if fit is None:
             p = self.profile
-            fit = self._exec[model] = LinearFit(p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget)
+            fit = self._exec[model] = LinearFit(
+                p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget
+            )
         return fit
 
     def set_exec(self, model: str, a: float, b: float) -> None:

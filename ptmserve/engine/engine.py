@@ -16,7 +16,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptmserve.engine.api import ClassifyResult, EmbedResult, InferenceOptions, ModelInfo, ModelState, TierUsage
+from ptmserve.engine.api import (
+    ClassifyResult,
+    EmbedResult,
+    InferenceOptions,
+    ModelInfo,
+    ModelState,
+    TierUsage,
+)
 from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.device import dtype_name, resolve_device, resolve_dtype
 from ptmserve.engine.metrics import EngineMetrics
@@ -102,8 +109,14 @@ class Engine:
             self.metrics.budget_bytes.labels(tier.name).set(tier.budget_bytes)
         logger.info(
             "engine on %s computing in %s, policy %s, device budget %s, host budget %s",
-            self.device, dtype_name(self.dtype), settings.policy, settings.device_memory, settings.host_memory,
-        )  # fmt: skip
+            *(
+                self.device,
+                dtype_name(self.dtype),
+                settings.policy,
+                settings.device_memory,
+                settings.host_memory,
+            ),
+        )
 
     @classmethod
     def open(cls, repo_dir: str | Path = "models", **settings: object) -> Engine:
@@ -163,11 +176,16 @@ class Engine:
 
     def tiers(self) -> list[TierUsage]:
         stats = self.weights.stats()
-        return [TierUsage(t.name, t.used_bytes, t.budget_bytes, dict(t.per_model)) for t in (stats.host, stats.device)]
+        return [
+            TierUsage(t.name, t.used_bytes, t.budget_bytes, dict(t.per_model))
+            for t in (stats.host, stats.device)
+        ]
 
     # -- inference ------------------------------------------------------------------------------------
 
-    def embed(self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()) -> EmbedResult:
+    def embed(
+        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
+    ) -> EmbedResult:
         """Pooled embeddings of ``inputs`` (texts, or token-id lists used as given), one row per input.
 
         Raises:

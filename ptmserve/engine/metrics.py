@@ -48,7 +48,11 @@ class EngineMetrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "ptmserve_batch_size", "Requests per executed batch.", ["model"], buckets=_BATCH_BUCKETS, registry=r
+            "ptmserve_batch_size",
+            "Requests per executed batch.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.batch_tokens = Counter(
             "ptmserve_batch_tokens", "Real (non-padding) tokens computed.", ["model"], registry=r

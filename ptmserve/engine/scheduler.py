@@ -119,7 +119,9 @@ class Step:
     model: str | None  # the model whose batch runs; None when there is nothing to run now
     batch: list[Request]  # run these as one batch on ``model``, in this order; empty when ``model`` is None
     expired: list[Request]  # fail these as timeouts; they were taken out of the queues and must never run
-    load_needed: bool  # ``model`` is not resident: load it (or wait for its in-flight load) before/while running
+    load_needed: (
+        bool  # ``model`` is not resident: load it (or wait for its in-flight load) before/while running
+    )
     evict: list[str]  # evict these from the device first, in order (never busy, loading or ``model``)
     prefetch: list[str]  # then start loading these in the background; they overlap the batch
     estimated_seconds: float  # predicted wall time of the load (if any) and the batch
@@ -301,6 +303,10 @@ class Scheduler:
             return
         free = ctx.device_free + sum(ctx.nbytes(m) for m in step.evict) - ctx.missing_bytes(step.model)
         protect = {step.model, *step.evict}
+        # The load channel is busy with loads in flight, then with this step's own load, then prefetches.
+        channel_free = ctx.now + ctx.channel_wait
+        if step.load_needed and not ctx.is_loading(step.model):
+            channel_free += ctx.costs.load_seconds(ctx.nbytes(step.model), ctx.source(step.model))
         for model in self.policy.prefetch(ctx, step.model, free):
             if len(step.prefetch) >= self.limits.max_prefetch:
                 break
@@ -315,7 +321,9 @@ class Scheduler:
             free += sum(ctx.nbytes(m) for m in more) - need
             protect.add(model)
             step.prefetch.append(model)
-            self._loads[model] = _LoadInFlight(ctx.now, ctx.costs.load_seconds(need, ctx.source(model)))
+            seconds = ctx.costs.load_seconds(need, ctx.source(model))
+            self._loads[model] = _LoadInFlight(channel_free, seconds)
+            channel_free += seconds
 
     # -- feedback -------------------------------------------------------------------------------------
 

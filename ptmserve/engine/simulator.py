@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ptmserve.engine.costs import CostModel, DeviceProfile, Tier
-from ptmserve.engine.requests import ClassDefaults, Outcome, Request, RequestClass, deadline_from, request_class
+from ptmserve.engine.requests import (
+    ClassDefaults,
+    Outcome,
+    Request,
+    RequestClass,
+    deadline_from,
+    request_class,
+)
 from ptmserve.engine.scheduler import Scheduler, Step
 from ptmserve.errors import DeadlineExceeded, Overloaded
 
@@ -62,6 +69,7 @@ class Record:
     deadline: float
     outcome: Outcome | None = None
     finish: float | None = None  # when its result (or its failure) was delivered
+    started: float | None = None  # when the step that ran it started (None: it never ran)
 
 
 @dataclass(slots=True)
@@ -307,6 +315,7 @@ class _Sim:
         self.counters["busy_seconds"] += seconds
         for req in step.batch:
             rec: Record = req.payload  # type: ignore[assignment]
+            rec.started = now
             self._end(rec, Outcome.SUCCESS if end <= rec.deadline else Outcome.TIMEOUT, end)
         self.clock.t = end
         self.sched.on_step_done(step, exec_s, wait if loaded else 0.0, loaded)

@@ -140,10 +140,7 @@ class Worker:
         block = not self._scheduler.pending() and not self._stopping
         while True:
             try:
-                if block:
-                    message = self._inbox.get(timeout=self._idle_timeout())
-                else:
-                    message = self._inbox.get_nowait()
+                message = self._inbox.get(timeout=self._idle_timeout()) if block else self._inbox.get_nowait()
             except queue.Empty:
                 return
             block = False
@@ -173,7 +170,9 @@ class Worker:
 
     def _run(self, step: Step) -> None:
         for r in step.expired:
-            self._fail(r, DeadlineExceeded(f"request for {r.model!r} could not finish in time"), Outcome.TIMEOUT)
+            self._fail(
+                r, DeadlineExceeded(f"request for {r.model!r} could not finish in time"), Outcome.TIMEOUT
+            )
         if step.model is None:
             self._scheduler.on_step_done(step, 0.0)
             if not step.expired:
@@ -271,4 +270,3 @@ class Worker:
             logger.warning("loading %s into the %s tier failed: %s", event.model, event.tier, event.error)
         if event.kind != "evict" and event.tier == "device":
             self._inbox.put(_LoadDone(event))
-

@@ -239,6 +239,8 @@ class WeightManager:
             record = self._models.get(model)
             if record is None or record.pins or record.jobs:
                 return False
+            if record.device_job is not None and not record.device_job.done.is_set():
+                return False  # still publishing its load
             evicted = record.device_job is not None or (host and bool(self._host.entries_of(model)))
             if record.device_job is not None:
                 self._evict(record, DEVICE)
@@ -395,7 +397,8 @@ class WeightManager:
         self._executor.submit(self._run_job, record, job, tier)
 
     def _run_job(self, record: ModelRecord, job: LoadJob, tier: str) -> None:
-        """Loader thread: execute ``job``, then publish its outcome."""
+        """Loader thread: execute ``job``, publish its outcome, then tell listeners and waiters
+        (in that order, so whoever waits on ``done`` sees the events already delivered)."""
         try:
             job.execute(self._repo, self._copier, verify=self._verify)
         except errors.PtmError as exc:
@@ -412,7 +415,8 @@ class WeightManager:
                     self._host.release(record.name)
                 self._finish(record, job, tier)
                 self._events.append(MemoryEvent("load_failed", record.name, tier, error=exc.message))
-                job.done.fail(exc)
+            self._flush_events()
+            job.done.fail(exc)
         else:
             seconds = time.perf_counter() - job.started
             with self._cond:
@@ -421,9 +425,8 @@ class WeightManager:
                     self._events.append(MemoryEvent("load", record.name, HOST, job.bytes_read, seconds))
                 if tier == DEVICE:
                     self._events.append(MemoryEvent("load", record.name, DEVICE, job.bytes_copied, seconds))
-                job.done.set()
-        finally:
             self._flush_events()
+            job.done.set()
 
     def _finish(self, record: ModelRecord, job: LoadJob, tier: str) -> None:
         record.jobs -= 1

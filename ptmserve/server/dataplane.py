@@ -117,50 +117,25 @@ class DataPlane:
 
     # -------------------------------------------------------------------------------------- infer
 
-    def check_inputs(self, info: ModelInfo, inputs: Inputs) -> Inputs:
-        """Apply the request limits; returns the inputs the engine should see (maybe truncated)."""
+    def check_inputs(self, inputs: Inputs) -> Inputs:
+        """Apply the request limits (count, length of each input); the engine validates the rest."""
         s = self.settings
-        if not inputs:
-            raise InvalidInput("the input list is empty")
         if len(inputs) > s.max_batch_inputs:
             raise PayloadTooLarge(f"{len(inputs)} inputs in one request; the limit is {s.max_batch_inputs}")
-        if isinstance(inputs[0], str):
-            for i, text in enumerate(inputs):
-                if not text:
-                    raise InvalidInput(f"input {i} is an empty string")
-                if len(text) > s.max_input_chars:
-                    raise PayloadTooLarge(
-                        f"input {i} has {len(text)} characters; the limit is {s.max_input_chars}"
-                    )
-            return inputs
-        out: list[list[int]] = []
-        for i, ids in enumerate(inputs):
-            if not ids:
-                raise InvalidInput(f"input {i} has no tokens")
-            bad = next((t for t in ids if not 0 <= t < info.vocab_size), None)
-            if bad is not None:
-                raise InvalidInput(f"input {i}: token id {bad} is outside 0..{info.vocab_size - 1}")
-            if len(ids) > info.max_tokens:
-                if s.long_inputs == "reject":
-                    raise InvalidInput(
-                        f"input {i} has {len(ids)} tokens; model {info.name!r} takes at most {info.max_tokens}"
-                    )
-                ids = ids[: info.max_tokens]
-            out.append(ids)
-        return out
+        for i, item in enumerate(inputs):
+            if len(item) > s.max_input_length:
+                what = "characters" if isinstance(item, str) else "token ids"
+                raise PayloadTooLarge(f"input {i} has {len(item)} {what}; the limit is {s.max_input_length}")
+        return inputs
 
     def options(self, priority: int = 0, timeout_us: int | None = None) -> InferenceOptions:
-        """Engine options for a request; ``long_inputs='reject'`` is passed on when the engine knows it."""
-        opts = InferenceOptions(priority=priority, timeout_us=timeout_us or None)
-        if self.settings.long_inputs == "reject" and "truncate" in _OPTION_FIELDS:
-            opts = dataclasses.replace(opts, truncate=False)  # type: ignore[call-arg]
-        return opts
+        return InferenceOptions(priority=priority, timeout_us=timeout_us or None)
 
     async def embed(
         self, info: ModelInfo, inputs: Inputs, options: InferenceOptions, receive: Receive | None
     ) -> EmbedResult:
         """Embeddings of ``inputs``; the work is cancelled if the client disconnects first."""
-        inputs = self.check_inputs(info, inputs)
+        inputs = self.check_inputs(inputs)
         return await self._timed(info.name, len(inputs), self.engine.aembed(info.name, inputs, options), receive)
 
     async def classify(
@@ -169,7 +144,7 @@ class DataPlane:
         """Logits and labels of ``inputs``; ``InvalidInput`` for a model without a classification head."""
         if not info.labels:
             raise InvalidInput(f"model {info.name!r} has no classification head (no LOGITS or LABEL)")
-        inputs = self.check_inputs(info, inputs)
+        inputs = self.check_inputs(inputs)
         work = self.engine.aclassify(info.name, inputs, options)
         return await self._timed(info.name, len(inputs), work, receive)
 
@@ -224,9 +199,6 @@ class DataPlane:
                 for n, st in snap.items()
             ]
         }
-
-
-_OPTION_FIELDS = {f.name for f in dataclasses.fields(InferenceOptions)}
 
 
 async def until_disconnect(work: Coroutine[Any, Any, T], receive: Receive | None) -> T:

@@ -127,6 +127,7 @@ class KServeRoutes:
             "dtype": info.dtype,
             "stored_bytes": str(info.stored_bytes),
             "max_batch_inputs": str(self.plane.settings.max_batch_inputs),
+            "max_input_length": str(self.plane.settings.max_input_length),
             "long_inputs": self.plane.settings.long_inputs,
         }
         return json_response(

@@ -20,7 +20,9 @@ class ServerSettings:
     """HTTP limits and listening address, validated once at construction.
 
     ``long_inputs`` says what happens to an input longer than the model's ``max_tokens``: ``truncate``
-    keeps its first ``max_tokens`` tokens (as the model's config says), ``reject`` answers 400.
+    keeps its first ``max_tokens`` tokens (as the model's config says), ``reject`` answers 400. The engine
+    applies it (the CLI passes it on as ``EngineSettings.truncate``); ``max_input_length`` only bounds
+    the work one input can cause before that.
     """
 
     host: str = "127.0.0.1"  # loopback only unless asked otherwise
@@ -28,8 +30,8 @@ class ServerSettings:
     api_key: str | None = None  # when set, every route but health needs "Authorization: Bearer <key>"
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 before they are read in full
     max_batch_inputs: int = 256  # inputs per request; more gets 413
-    max_input_chars: int = 200_000  # characters per text input; more gets 413 (bounds tokenizer work)
-    long_inputs: LongInputs = "truncate"
+    max_input_length: int = 100_000  # characters per text, or ids per token list; more gets 413
+    long_inputs: LongInputs = "truncate"  # for the engine: EngineSettings.truncate = long_inputs == "truncate"
     drain_seconds: float = 30.0  # on SIGTERM: time allowed for in-flight requests to finish
     log_level: str = "info"
 
@@ -41,7 +43,7 @@ class ServerSettings:
             problems.append(f"port {self.port} is not in 0..65535")
         if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
             problems.append("api_key must be a non-empty string without whitespace")
-        for name in ("max_body_bytes", "max_batch_inputs", "max_input_chars"):
+        for name in ("max_body_bytes", "max_batch_inputs", "max_input_length"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.long_inputs not in ("truncate", "reject"):
@@ -74,9 +76,18 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on every route except /v2/health/* "
         "(default: the PTMSERVE_API_KEY environment variable, else no auth)",
     )
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this")
-    g.add_argument("--max-batch-inputs", type=int, default=d.max_batch_inputs, help="413 above this")
-    g.add_argument("--max-input-chars", type=int, default=d.max_input_chars, help="413 above this")
+    g.add_argument(
+        "--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this (default %(default)s)"
+    )
+    g.add_argument(
+        "--max-batch-inputs", type=int, default=d.max_batch_inputs, help="inputs per request; 413 above this"
+    )
+    g.add_argument(
+        "--max-input-length",
+        type=int,
+        default=d.max_input_length,
+        help="characters per text or ids per token list; 413 above this (default %(default)s)",
+    )
     g.add_argument(
         "--long-inputs",
         choices=("truncate", "reject"),
@@ -99,7 +110,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         api_key=args.api_key or env.get("PTMSERVE_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
         max_batch_inputs=args.max_batch_inputs,
-        max_input_chars=args.max_input_chars,
+        max_input_length=args.max_input_length,
         long_inputs=args.long_inputs,
         drain_seconds=args.drain_seconds,
     )

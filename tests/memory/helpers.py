@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -81,7 +82,9 @@ def reference(config: EncoderConfig, tensors: Mapping[str, torch.Tensor], b: Pac
 
 def run(manager: WeightManager, name: str, b: PackedBatch, *, classify: bool = False) -> EncoderOutput:
     with manager.acquire(name) as loaded:
-        return loaded.run(b, POOLING, classify=classify)
+        out = loaded.run(b, POOLING, classify=classify)
+        loaded.wait()  # the load is published (events delivered) before the next step of a test
+        return out
 
 
 def assert_same(out: EncoderOutput, ref: EncoderOutput) -> None:
@@ -96,3 +99,33 @@ def segment_of(repo: Repository, name: str, group: str) -> Path:
     """The segment file holding ``group`` of model ``name``."""
     entry = repo.manifest(name).entries(group)[0]
     return repo.root / "segments" / f"{entry.segment}.seg"
+
+
+class GatedRepo:
+    """A repository whose reads of chosen (model, group) pairs wait for a gate to open.
+
+    ``opened_in_time[(model, group)]`` records whether the gate opened before ``timeout`` (False
+    means the read went ahead only because the wait timed out).
+    """
+
+    def __init__(self, repo: Repository, timeout: float = 10.0) -> None:
+        self._repo = repo
+        self._timeout = timeout
+        self.gates: dict[tuple[str, str], threading.Event] = {}
+        self.opened_in_time: dict[tuple[str, str], bool] = {}
+        self.reads: list[tuple[str, str]] = []
+
+    def gate(self, model: str, group: str) -> threading.Event:
+        self.gates[(model, group)] = threading.Event()
+        return self.gates[(model, group)]
+
+    def manifest(self, name: str):  # noqa: ANN201 - the repository's manifest type
+        return self._repo.manifest(name)
+
+    def read_into(self, entries, out, *, verify: bool = True, model: str = "?") -> None:  # noqa: ANN001
+        key = (model, entries[0].group)
+        gate = self.gates.get(key)
+        if gate is not None:
+            self.opened_in_time[key] = gate.wait(self._timeout)
+        self.reads.append(key)
+        self._repo.read_into(entries, out, verify=verify, model=model)

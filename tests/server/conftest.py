@@ -77,7 +77,7 @@ def fake_engine() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def fake_url(fake_engine: FakeEngine) -> Iterator[str]:
-    with running_server(fake_engine, max_batch_inputs=16, max_body_bytes=64 * 1024, max_input_chars=1000) as url:
+    with running_server(fake_engine, max_batch_inputs=16, max_body_bytes=64 * 1024, max_input_length=1000) as url:
         yield url
 
 

@@ -97,11 +97,11 @@ class FakeEngine:
     # ---------------------------------------------------------------------------------- work
 
     def embed(self, model: str, inputs, options: InferenceOptions = InferenceOptions()) -> EmbedResult:
-        self._check(model, inputs)
+        inputs = self._check(model, inputs)
         return EmbedResult(np.stack([fake_vector(x) for x in inputs]), _tokens(inputs))
 
     def classify(self, model: str, inputs, options: InferenceOptions = InferenceOptions()) -> ClassifyResult:
-        self._check(model, inputs)
+        inputs = self._check(model, inputs)
         if not self._infos[model].labels:
             raise InvalidInput(f"model {model!r} has no classification head")
         logits = np.stack([fake_vector(x, len(LABELS)) for x in inputs])
@@ -114,7 +114,7 @@ class FakeEngine:
         return await self._run(model, inputs, options, self.classify)
 
     async def _run(self, model, inputs, options, fn):
-        self._check(model, inputs)
+        self._check(model, inputs)  # raise before queueing, as the real engine does
         if options.timeout_us is not None and options.timeout_us < 1000:
             self.metrics.requests.labels(model, "timeout").inc()
             raise DeadlineExceeded(f"deadline of {options.timeout_us} us passed before the request could run")
@@ -139,17 +139,31 @@ class FakeEngine:
             with self._lock:
                 self.in_flight -= 1
 
-    def _check(self, model: str, inputs) -> None:
+    def _check(self, model: str, inputs):
+        """The real engine's validation (same messages); token lists truncated at max_tokens."""
         info = self.model_info(model)
         if self.closed:
             raise NotReady("engine is closed")
         if info.state is ModelState.UNAVAILABLE:
             raise NotReady(f"model {model!r} is not loaded")
         if not inputs:
-            raise InvalidInput("empty input list")
-        for x in inputs:
-            if isinstance(x, str) and x == "boom":
+            raise InvalidInput("input must be a non-empty list of texts or of token-id lists")
+        out = []
+        for i, x in enumerate(inputs):
+            if x == "boom":
                 raise RuntimeError("a bug in the engine")  # lets tests check the 500 path
+            if isinstance(x, str):
+                if not x:
+                    raise InvalidInput(f"input[{i}] is an empty string")
+                out.append(x)
+                continue
+            if not x:
+                raise InvalidInput(f"input[{i}] must be a non-empty text or a non-empty list of token ids")
+            bad = [t for t in x if not 0 <= t < info.vocab_size]
+            if bad:
+                raise InvalidInput(f"input[{i}] holds {bad[0]!r}, not a token id in [0, {info.vocab_size})")
+            out.append(list(x)[: info.max_tokens])
+        return out
 
 
 def _tokens(inputs) -> int:

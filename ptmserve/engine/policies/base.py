@@ -81,6 +81,11 @@ class Context:
         self.loading = frozenset(view.loading)
         self.host = frozenset(view.host)
         self.device_free = view.device_free
+        # Loads share one channel: a new load starts after the ones in flight (unknown ones count in full).
+        self.channel_wait = sum(
+            load_remaining[m] if m in load_remaining else costs.load_seconds(self.nbytes(m))
+            for m in self.loading
+        )
 
     def nbytes(self, model: str) -> int:
         n = self.sizes[model] = self.view.model_bytes(model)
@@ -107,7 +112,9 @@ class Context:
             return 0.0
         if model in self.load_remaining:
             return self.load_remaining[model]
-        return self.costs.load_seconds(self.nbytes(model), self.source(model))
+        if model in self.loading:  # started by the engine itself: assume it just began
+            return self.costs.load_seconds(self.nbytes(model))
+        return self.channel_wait + self.costs.load_seconds(self.nbytes(model), self.source(model))
 
     def exec_seconds(self, model: str, tokens: int) -> float:
         return self.costs.exec_seconds(model, tokens, self.sizes.get(model, 0))

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class FastPtmOptions:
-    batch_step_s: float = 0.25  # a step carrying batch-class work ends within this (beyond its first request)
+    batch_step_s: float = 0.1  # a step carrying batch-class work ends within this (beyond its first request)
     rt_streak: int = 4  # real-time steps in a row after which owed batch work gets the next step
     batch_max_wait_s: float = 10.0  # batch work queued this long is owed a step
     batch_urgent_slack_s: float = 1.0  # batch work this close to its deadline is owed a step
@@ -174,4 +174,3 @@ class FastPtm(Policy):
             self._streak += 1
         elif step.kind in (StepKind.BATCH, StepKind.FORCED):
             self._streak = 0
-

