@@ -116,8 +116,9 @@ class LinearFit:
     a0: float
     b0: float
     x_ref: float = 256.0
-    prior_weight: float = 1.0
+    prior_weight: float = 0.2
     forget: float = 0.05  # each new observation scales older ones by (1 - forget)
+    err: float = 0.05  # running mean of |measured - predicted| / predicted (EWMA, weight 2 * forget)
     a: float = field(init=False)
     b: float = field(init=False)
     _sw: float = 0.0
@@ -135,6 +136,8 @@ class LinearFit:
     def observe(self, x: float, y: float) -> None:
         if not (math.isfinite(x) and math.isfinite(y)) or y < 0:
             return
+        predicted = max(self(x), 1e-9)
+        self.err += 2 * self.forget * (abs(y - predicted) / predicted - self.err)
         k = 1.0 - self.forget
         self._sw = self._sw * k + 1.0
         self._sx = self._sx * k + x
@@ -180,9 +183,9 @@ class CostModel:
         fit = self._exec.get(model)
         if fit is None:
             p = self.profile
-            fit = self._exec[model] = LinearFit(
-                p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget
-            )
+            fit = LinearFit(p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget)
+            if nbytes > 0:  # a prior from unknown bytes would anchor the fit at zero per-token cost
+                self._exec[model] = fit
         return fit
 
     def set_exec(self, model: str, a: float, b: float) -> None:
@@ -196,6 +199,12 @@ class CostModel:
     def exec_params(self, model: str, nbytes: int = 0) -> tuple[float, float]:
         fit = self._fit(model, nbytes)
         return fit.a, fit.b
+
+    def exec_margin(self, model: str) -> float:
+        """Factor to stretch ``model``'s predicted execution time by when a deadline depends on it:
+        1 + twice its recent mean relative error."""
+        fit = self._exec.get(model)
+        return 1.0 + 2.0 * fit.err if fit else 1.0
 
     def load_seconds(self, nbytes: int, source: Tier = Tier.HOST) -> float:
         """Predicted seconds to make ``nbytes`` of weights resident on the device from ``source``."""

@@ -65,7 +65,7 @@ class _Tiers:
         self._weights = weights
         self._catalog = catalog
         stats = weights.stats()
-        names = set(catalog.names()) | set(stats.device.per_model)
+        names = set(stats.device.per_model) | set(stats.host.per_model)  # every model holding bytes
         where = {m: weights.residency(m) for m in names}
         self.resident = frozenset(m for m, r in where.items() if r.on_device)
         self.loading = frozenset(m for m, r in where.items() if r.loading)

@@ -163,6 +163,7 @@ class WeightManager:
         self._cond = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
         self._events: list[MemoryEvent] = []
+        self._delivery = threading.RLock()  # events reach listeners in order, one thread at a time
         self._skeletons = SkeletonPool()
         self._copier = make_copy_engine(self.device)
         self._executor = ThreadPoolExecutor(loader_threads, thread_name_prefix="ptmserve-load")
@@ -448,11 +449,14 @@ class WeightManager:
         )
 
     def _flush_events(self) -> None:
-        with self._lock:
-            events, self._events = self._events, []
-        for event in events:
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:
-                    logger.exception("memory event listener failed on %s", event)
+        """Deliver queued events; when this returns, every event queued before the call was delivered
+        (by this thread or by the one that was delivering)."""
+        with self._delivery:
+            with self._lock:
+                events, self._events = self._events, []
+            for event in events:
+                for listener in self._listeners:
+                    try:
+                        listener(event)
+                    except Exception:
+                        logger.exception("memory event listener failed on %s", event)

@@ -161,6 +161,9 @@ def take(
     bound = min((r.deadline for r in batch), default=math.inf)
     load = ctx.load_seconds(model)
     a, b = ctx.costs.exec_params(model, ctx.sizes.get(model, 0))
+    if predictive:  # joining is judged on a pessimistic estimate, expiry on the plain one
+        margin = ctx.costs.exec_margin(model)
+        a, b = a * margin, b * margin
     step = ctx.costs.step_seconds
     doomed: list[Request] = []
     scanned = 0
@@ -173,7 +176,7 @@ def take(
             continue
         finish = ctx.now + step(load, a + b * t) if (predictive or max_seconds < math.inf) else 0.0
         if predictive and finish > min(bound, r.deadline):
-            if ctx.now + step(load, a + b * r.tokens) > r.deadline:
+            if ctx.doomed(r):
                 doomed.append(r)
             continue
         if batch and finish > ctx.now + max_seconds:
