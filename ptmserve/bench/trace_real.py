@@ -1,0 +1,146 @@
+"""The real engine behind ``ptmserve bench trace --mode real``: N MiniLM-shaped models, in real time.
+
+Every model has its own random weights (nothing shared, so every switch moves a whole model), stored
+in a temporary repository; the device budget holds ``device_models`` of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import random
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import torch
+
+from ptmserve.bench.workload import WorkloadSpec
+from ptmserve.engine.api import InferenceOptions
+from ptmserve.engine.engine import Engine, EngineSettings
+from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.models.encoder import Encoder
+from ptmserve.store.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+MINILM = EncoderConfig(
+    family="bert",
+    vocab_size=30522,
+    hidden_size=384,
+    num_layers=6,
+    num_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    hidden_act="gelu",
+    labels=(),
+)
+
+
+def _tokenizer_json() -> bytes:
+    """A tiny valid tokenizer: requests in this benchmark arrive as token ids, never as text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str().encode()
+
+
+def build_repository(root: Path, names: list[str], dtype: torch.dtype = torch.bfloat16) -> Repository:
+    """``names`` MiniLM-shaped models with distinct random weights, stored in ``dtype``."""
+    repo = Repository(root)
+    tokenizer = _tokenizer_json()
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        model = Encoder(MINILM)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        tensors = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+        repo.add_model(
+            name,
+            config=MINILM.to_dict(),
+            pooling=Pooling("mean", True).to_dict(),
+            tokenizer_json=tokenizer,
+            dtype=str(dtype).removeprefix("torch."),
+            tensors=tensors,
+            max_length=256,
+        )
+        logger.info("stored %s (%d/%d)", name, i + 1, len(names))
+    return repo
+
+
+class EngineTarget:
+    """Adapts the engine to ``ptmserve.bench.trace.EngineTarget``."""
+
+    def __init__(self, engine: Engine, vocab_size: int, seed: int = 0) -> None:
+        self.engine = engine
+        self._vocab = vocab_size
+        self._rng = random.Random(seed)
+
+    async def submit(self, model: str, tokens: int, priority: int, timeout_us: int | None) -> None:
+        ids = [1] + [self._rng.randrange(3, self._vocab) for _ in range(max(0, tokens - 2))] + [2]
+        await self.engine.aembed(model, [ids[:tokens]], InferenceOptions(priority, timeout_us))
+
+    def counters(self) -> Mapping[str, float]:
+        m = self.engine.metrics
+        return {
+            "loads": _total(m.loads),
+            "loaded_bytes": _total(m.loaded_bytes, tier="device"),
+            "evictions": _total(m.evictions, tier="device"),
+            "steps": _total(m.batch_size, suffix="_count"),
+        }
+
+
+def _total(metric: object, *, tier: str | None = None, suffix: str = "_total") -> float:
+    total = 0.0
+    for family in metric.collect():  # type: ignore[attr-defined]
+        for sample in family.samples:
+            if sample.name.endswith(suffix) and (tier is None or sample.labels.get("tier") == tier):
+                total += sample.value
+    return total
+
+
+_REPOS: dict[tuple[int, str], tuple[tempfile.TemporaryDirectory, Repository]] = {}
+
+
+def _repository(spec: WorkloadSpec) -> Repository:
+    """One repository per trace shape, shared by the policies of one run."""
+    key = (spec.models, spec.prefix)
+    if key not in _REPOS:
+        tmp = tempfile.TemporaryDirectory(prefix="ptmserve-trace-")
+        _REPOS[key] = (tmp, build_repository(Path(tmp.name), spec.model_names()))
+    return _REPOS[key][1]
+
+
+@contextlib.asynccontextmanager
+async def open_target(
+    policy: str, spec: WorkloadSpec, device_models: int, args: argparse.Namespace
+) -> AsyncIterator[EngineTarget]:
+    """An engine over ``spec``'s models under ``policy`` whose device tier holds ``device_models``."""
+    repo = _repository(spec)
+    with torch.device("meta"):
+        per_model = sum(p.numel() for p in Encoder(MINILM).parameters()) * 2  # bf16 on the device
+    settings = EngineSettings(
+        dtype="bfloat16",
+        policy=policy,
+        device_memory=device_models * per_model + per_model // 2,  # room for device_models, not one more
+        host_memory="16GiB",
+        realtime_timeout_s=spec.realtime_timeout_ms / 1e3,
+        batch_timeout_s=spec.batch_timeout_ms / 1e3,
+    )
+    engine = Engine(repo, settings)
+    # Warm the host tier: the trace measures switches onto the device, not disk reads.
+    for name in spec.model_names():
+        engine.weights.prefetch(name, tier="host")
+    while not all(engine.weights.residency(n).on_host for n in spec.model_names()):
+        await asyncio.sleep(0.05)
+    try:
+        yield EngineTarget(engine, MINILM.vocab_size)
+    finally:
+        engine.close()
