@@ -14,19 +14,22 @@ class, where a request that did not succeed counts as infinitely late (so p99 is
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
+from typing import Protocol
 
 from ptmserve.bench.workload import WorkloadSpec, generate, rate_for_load
 from ptmserve.engine.costs import PROFILES, CostModel, DeviceProfile
 from ptmserve.engine.policies import PolicyName, make_policy
-from ptmserve.engine.requests import ClassDefaults, Outcome, RequestClass
+from ptmserve.engine.requests import ClassDefaults, Outcome, RequestClass, deadline_from, request_class
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.simulator import Arrival, Record, SimClock, SimConfig, simulate
+from ptmserve.errors import DeadlineExceeded, Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``ptmserve bench trace``."""
     d = WorkloadSpec()
     p = parser
-    p.add_argument("--mode", choices=("sim", "real"), default="sim", help="simulate, or drive the real engine")
+    p.add_argument(
+        "--mode", choices=("sim", "real"), default="sim", help="simulate, or drive the real engine"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     p.add_argument("--models", type=int, help="models in the trace (default: 16 real, 100 sim)")
     p.add_argument("--device-models", type=int, help="device budget in models (default: 4 real, 16 sim)")
     p.add_argument("--model-bytes", type=int, default=MINILM_BYTES, help="weight bytes per model (MiniLM-L6)")
     p.add_argument("--duration", type=float, help="trace seconds (default: 120 real, 3600 sim)")
-    p.add_argument("--load", type=float, default=0.8, help="mean offered compute / device compute (%(default)s)")
+    p.add_argument(
+        "--load",
+        type=float,
+        default=0.5,
+        help="share of the device's time the trace's tokens alone need, bursts included; batch overheads "
+        "and switches come on top (%(default)s)",
+    )
     p.add_argument("--rate", type=float, help="background requests/s (overrides --load)")
     p.add_argument("--zipf", type=float, default=d.zipf_s, help="Zipf exponent of popularity (%(default)s)")
     p.add_argument("--realtime-share", type=float, default=d.realtime_share, help="(%(default)s)")
@@ -54,10 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-timeout-ms", type=float, default=d.batch_timeout_ms, help="(%(default)s)")
     p.add_argument("--burst-every", type=float, default=d.burst_every_s, help="mean seconds between bursts")
     p.add_argument("--burst-seconds", type=float, default=d.burst_s, help="(%(default)s)")
-    p.add_argument("--burst-load", type=float, default=0.5, help="a burst's extra compute / device compute")
+    p.add_argument("--burst-load", type=float, default=0.3, help="a burst's extra compute / device compute")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--profile", default="cpu-2core", help=f"device profile: {', '.join(PROFILES)} or a JSON file")
-    p.add_argument("--exec-noise", type=float, default=0.1, help="sim: sigma of log-normal noise on batch times")
+    p.add_argument(
+        "--profile", default="cpu-2core", help=f"device profile: {', '.join(PROFILES)} or a JSON file"
+    )
+    p.add_argument(
+        "--exec-noise", type=float, default=0.1, help="sim: sigma of log-normal noise on batch times"
+    )
     p.add_argument("--max-batch-requests", type=int, default=SchedulerLimits().max_batch_requests)
     p.add_argument("--max-batch-tokens", type=int, default=SchedulerLimits().max_batch_tokens)
     p.add_argument(
@@ -71,7 +86,6 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
     """The workload spec, device profile and trace that ``args`` describe."""
     real = args.mode == "real"
     profile = DeviceProfile.load(args.profile)
-    spt = profile.token_seconds(args.model_bytes)
     spec = WorkloadSpec(
         models=args.models or (16 if real else 100),
         duration_s=args.duration or (120.0 if real else 3600.0),
@@ -83,6 +97,7 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
         burst_s=args.burst_seconds,
         seed=args.seed,
     )
+    spt = profile.token_seconds(args.model_bytes)  # device seconds per token, batch overheads aside
     spec = replace(spec, burst_rate=args.burst_load / spt / spec.mean_tokens())
     rate = args.rate if args.rate is not None else rate_for_load(spec, args.load, spt)
     spec = replace(spec, rate=rate)
@@ -90,11 +105,13 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    """Run every selected policy on the same trace; print a table; return (and maybe write) the results."""
+    """Run every selected policy on the same trace; print a table; return the results (JSON-ready)."""
     spec, profile, arrivals = build_trace(args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     device_models = args.device_models or (4 if args.mode == "real" else 16)
-    limits = SchedulerLimits(max_batch_requests=args.max_batch_requests, max_batch_tokens=args.max_batch_tokens)
+    limits = SchedulerLimits(
+        max_batch_requests=args.max_batch_requests, max_batch_tokens=args.max_batch_tokens
+    )
     defaults = ClassDefaults(
         realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
     )
@@ -113,16 +130,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "device_models": device_models,
         "model_bytes": args.model_bytes,
         "profile": profile.to_dict(),
-        "limits": {"max_batch_requests": limits.max_batch_requests, "max_batch_tokens": limits.max_batch_tokens},
+        "limits": {
+            "max_batch_requests": limits.max_batch_requests,
+            "max_batch_tokens": limits.max_batch_tokens,
+        },
         "predictive_baselines": bool(args.predictive_baselines),
         "policies": results,
         "vs_fifo_lru": _ratios(results),
     }
     print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return report  # the CLI writes it to --json
 
 
 def _run_sim(
@@ -151,6 +168,7 @@ def _run_sim(
     counters = {
         "loads": result.loads,
         "prefetches": result.prefetches,
+        "prefetches_unused": result.prefetches_unused,
         "loaded_bytes": result.loaded_bytes,
         "evictions": result.evictions,
         "steps": result.steps,
@@ -159,16 +177,100 @@ def _run_sim(
     return summarize(result.records, spec.duration_s, counters)
 
 
+class EngineTarget(Protocol):
+    """What ``--mode real`` drives: the real engine behind a thin adapter (``ptmserve.bench.trace_real``)."""
+
+    async def submit(self, model: str, tokens: int, priority: int, timeout_us: int | None) -> None:
+        """Run one request of ``tokens`` tokens on ``model`` with Triton's schedule-policy parameters and
+        return when its result is delivered.
+
+        Raises:
+            DeadlineExceeded: it timed out (counted as a timeout).
+            Overloaded: its queue was full (counted as rejected).
+            Exception: anything else (counted as an error).
+        """
+
+    def counters(self) -> Mapping[str, float]:
+        """Engine-wide totals so far: ``loads`` (switches, prefetches included), ``prefetches``,
+        ``loaded_bytes``, ``evictions`` and ``steps``; ``run_real`` reports their growth during the trace."""
+
+
+# open_target(policy, spec, device_models, args): an async context manager yielding an EngineTarget that
+# serves ``spec.model_names()`` (MiniLM-shaped) under ``policy`` with a device budget of ``device_models``
+# models, and shuts the engine down on exit. ``ptmserve.bench.trace_real.open_target`` provides it.
+OpenTarget = Callable[[str, WorkloadSpec, int, argparse.Namespace], AbstractAsyncContextManager[EngineTarget]]
+
+
 def _run_real(
     name: str, arrivals: Sequence[Arrival], spec: WorkloadSpec, device_models: int, args: argparse.Namespace
 ) -> dict[str, object]:
     try:
         from ptmserve.bench.trace_real import open_target  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise SystemExit(f"--mode real is not available yet: {exc}") from exc
-    from ptmserve.bench.replay import replay_real
+        raise SystemExit(f"--mode real needs ptmserve.bench.trace_real.open_target: {exc}") from exc
+    return run_real(open_target, name, arrivals, spec, device_models, args)
 
-    return replay_real(open_target, name, arrivals, spec, device_models, args)
+
+def run_real(
+    open_target: OpenTarget,
+    policy: str,
+    arrivals: Sequence[Arrival],
+    spec: WorkloadSpec,
+    device_models: int,
+    args: argparse.Namespace,
+) -> dict[str, object]:
+    """Replay ``arrivals`` in real time against the engine ``open_target`` opens; summarise like the sim."""
+    defaults = ClassDefaults(
+        realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
+    )
+
+    async def main() -> dict[str, object]:
+        async with open_target(policy, spec, device_models, args) as target:
+            before = dict(target.counters())
+            records = await replay(arrivals, target, defaults)
+            after = dict(target.counters())
+        counters = {k: v - before.get(k, 0) for k, v in after.items()}
+        counters.setdefault("loads", 0)
+        counters.setdefault("loaded_bytes", 0)
+        return summarize(records, spec.duration_s, counters)
+
+    return asyncio.run(main())
+
+
+async def replay(
+    arrivals: Sequence[Arrival], target: EngineTarget, defaults: ClassDefaults = ClassDefaults()
+) -> list[Record]:
+    """Submit each arrival at its time (relative to the call) and wait for all; one record each, times
+    relative to the start, deadlines from when the request was actually submitted."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    records: list[Record] = []
+
+    async def one(a: Arrival, rec: Record) -> None:
+        try:
+            await target.submit(a.model, a.tokens, a.priority, a.timeout_us)
+            outcome = Outcome.SUCCESS if loop.time() - t0 <= rec.deadline else Outcome.TIMEOUT
+        except DeadlineExceeded:
+            outcome = Outcome.TIMEOUT
+        except Overloaded:
+            outcome = Outcome.REJECTED
+        except Exception:  # noqa: BLE001 - any other failure is an error outcome
+            logger.debug("request %d failed", rec.id, exc_info=True)
+            outcome = Outcome.ERROR
+        rec.outcome, rec.finish = outcome, loop.time() - t0
+
+    tasks = []
+    for a in arrivals:
+        delay = t0 + a.time - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = loop.time() - t0
+        cls = request_class(a.priority, defaults.default_class)
+        rec = Record(len(records), a.model, cls, now, deadline_from(a.timeout_us, cls, now, defaults))
+        records.append(rec)
+        tasks.append(asyncio.ensure_future(one(a, rec)))
+    await asyncio.gather(*tasks)
+    return records
 
 
 def summarize(records: Sequence[Record], duration: float, counters: Mapping[str, float]) -> dict[str, object]:
@@ -212,11 +314,11 @@ def _finite(x: float) -> float | None:
     return round(x, 6) if math.isfinite(x) else None
 
 
-def _ratios(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, float | None]]:
+def _ratios(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, float | str | None]]:
     base = results.get("fifo-lru")
     if base is None:
         return {}
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, float | str | None]] = {}
     for name, r in results.items():
         out[name] = {
             "switches_fewer": _div(base["switches"], r["switches"]),  # type: ignore[arg-type]
@@ -226,9 +328,10 @@ def _ratios(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, 
     return out
 
 
-def _div(a: float, b: float) -> float | None:
+def _div(a: float, b: float) -> float | str | None:
+    """``a / b``; "inf" (JSON-safe) when only ``b`` is 0; None when both are."""
     if b == 0:
-        return None if a == 0 else math.inf
+        return None if a == 0 else "inf"
     return round(a / b, 3)
 
 
@@ -252,7 +355,8 @@ def format_table(report: Mapping[str, object]) -> str:
     for name, q in ratios.items():  # type: ignore[attr-defined]
         if name != "fifo-lru":
             lines.append(
-                f"{name} vs fifo-lru: switches {_x(q['switches_fewer'])} fewer (target {TARGETS['switches']}x), "
+                f"{name} vs fifo-lru: switches {_x(q['switches_fewer'])} fewer "
+                f"(target {TARGETS['switches']}x), "
                 f"timeouts {_x(q['timeouts_fewer'])} fewer (target {TARGETS['timeouts']}x), "
                 f"goodput {_x(q['goodput_gain'])} (target {TARGETS['goodput']}x)"
             )
@@ -263,5 +367,5 @@ def _ms(x: float | None) -> str:
     return "miss" if x is None else f"{x * 1e3:.0f}ms"
 
 
-def _x(x: float | None) -> str:
-    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.2f}x")
+def _x(x: float | str | None) -> str:
+    return "n/a" if x is None else (f"{x:.2f}x" if isinstance(x, float) else str(x))

@@ -13,8 +13,8 @@ What it models (docs/bench/trace.md gives the numbers):
 - Text lengths are log-normal tokens (median ``tokens_median``, sigma ``tokens_sigma``), clipped to
   ``[tokens_min, tokens_max]``.
 
-The offered load can be set as a share of the device's compute (``rate_for_load``), so the same trace
-shape stresses a 2-core CPU and a GPU alike.
+The offered load can be set as the share of the device's time its tokens need (``rate_for_load``), so the
+same trace shape stresses devices of any speed (batch overheads and switches come on top).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class WorkloadSpec:
     realtime_share: float = 0.5
     realtime_timeout_ms: float = 500.0
     batch_timeout_ms: float = 30_000.0
-    burst_every_s: float = 15.0
+    burst_every_s: float = 20.0
     burst_s: float = 5.0
     burst_rate: float = 10.0  # extra requests/s for the burst's model while it lasts
     tokens_median: float = 24.0

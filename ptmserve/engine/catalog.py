@@ -5,6 +5,7 @@ Thread-safe: callers tokenize in their own threads, so the worker only computes.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class CatalogEntry:
     config: EncoderConfig
     tokenizer: TextTokenizer
     max_tokens: int  # the truncation length
+    device_bytes: int  # its weights on the device, in the compute dtype
 
 
 class ModelCatalog:
@@ -50,27 +52,26 @@ class ModelCatalog:
         # Without truncation, tokenize one token past the limit so that too-long inputs are seen.
         limit = max_tokens if self._truncate else max_tokens + 1
         tokenizer = TextTokenizer.from_json(manifest.tokenizer_json, limit)
-        entry = CatalogEntry(manifest, config, tokenizer, max_tokens)
+        entry = CatalogEntry(manifest, config, tokenizer, max_tokens, self._device_bytes(manifest))
         with self._lock:
             self._entries[name] = entry
         return entry
 
     def device_bytes(self, name: str) -> int:
         """Bytes ``name``'s weights take on the device, in the compute dtype (floating tensors are cast)."""
-        e = self.entry(name)
-        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self._compute_dtype]
-        total = 0
-        for t in e.manifest.tensors:
-            numel = 1
-            for d in t.shape:
-                numel *= d
-            floating = t.dtype in ("float32", "bfloat16", "float16")
-            total += numel * itemsize if floating else t.nbytes
-        return total
+        return self.entry(name).device_bytes
 
     def forget(self, name: str) -> None:
         with self._lock:
             self._entries.pop(name, None)
+
+    def _device_bytes(self, manifest: ModelManifest) -> int:
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self._compute_dtype]
+        total = 0
+        for t in manifest.tensors:
+            floating = t.dtype in ("float32", "bfloat16", "float16")
+            total += math.prod(t.shape) * itemsize if floating else t.nbytes
+        return total
 
     def info(self, name: str, state: ModelState, reason: str = "") -> ModelInfo:
         e = self.entry(name)

@@ -34,13 +34,14 @@ class DeviceProfile:
     """What a device can do, measured or taken from its datasheet. Serialises to and from JSON."""
 
     name: str = "cpu-2core"
-    host_to_device_bps: float = 6.0e9  # bytes/s from the host tier into a device slot
+    host_to_device_bps: float = 5.0e9  # bytes/s from the host tier into a device slot
     disk_to_host_bps: float = 1.0e9  # bytes/s from the repository into the host tier (cold reads)
     load_latency_s: float = 0.002  # fixed cost of one load (slot bookkeeping, first touch)
     batch_overhead_s: float = 0.010  # fixed cost of one batch (the ``a`` prior)
-    flops: float = 6.0e10  # sustained FLOP/s on encoder batches (sets the ``b`` prior)
+    flops: float = 6.5e10  # sustained FLOP/s on encoder batches (sets the ``b`` prior)
     bytes_per_param: float = 4.0  # 4 for fp32 weights, 2 for bf16/fp16
     pipeline_stages: int = 8  # groups a load overlaps compute over (layers + 2); 1 = no pipelining
+    copy_overlap: float = 0.5  # share of a copy hidden behind compute: 1 = own copy engine, 0 = same cores
     notes: str = ""  # how the figures were obtained
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class DeviceProfile:
                 )
         if self.pipeline_stages < 1:
             raise InvalidConfig(f"device profile {self.name!r}: pipeline_stages must be >= 1")
+        if not 0 <= self.copy_overlap <= 1:
+            raise InvalidConfig(f"device profile {self.name!r}: copy_overlap must be in [0, 1]")
 
     def token_seconds(self, nbytes: int) -> float:
         """Prior per-token execution time of a model with ``nbytes`` of weights (2 FLOPs per parameter)."""
@@ -84,12 +87,12 @@ class DeviceProfile:
         return cls.from_dict(data)
 
 
-# Profiles the benchmarks use. "cpu-2core" was measured on the 2-core development machine with the real
-# all-MiniLM-L6-v2 in fp32 (see docs/bench/trace.md); "gpu-pcie4" is a datasheet-level accelerator:
-# PCIe 4.0 x16 pinned copies and ~40 TFLOP/s sustained in bf16.
+# Profiles the benchmarks use. "cpu-2core" is provisional: HF BertModel runs of the real all-MiniLM-L6-v2
+# (fp32) and copies of its 91 MB on the shared 2-core development machine, noisy (docs/bench/trace.md);
+# "gpu-pcie4" is a datasheet-level accelerator: PCIe 4.0 x16 pinned copies, ~40 TFLOP/s sustained bf16.
 PROFILES: dict[str, DeviceProfile] = {
     "cpu-2core": DeviceProfile(
-        notes="measured: MiniLM-L6 fp32, 2 cores, torch CPU; memcpy of its 91 MB weights",
+        notes="provisional: MiniLM-L6 fp32 on 2 shared cores (HF BertModel), copies of its 91 MB weights",
     ),
     "gpu-pcie4": DeviceProfile(
         name="gpu-pcie4",
@@ -100,6 +103,7 @@ PROFILES: dict[str, DeviceProfile] = {
         flops=4e13,
         bytes_per_param=2.0,
         pipeline_stages=8,
+        copy_overlap=1.0,
         notes="datasheet-level: PCIe 4.0 x16 pinned copies, 40 TFLOP/s sustained bf16",
     ),
 }
@@ -137,7 +141,10 @@ class LinearFit:
         if not (math.isfinite(x) and math.isfinite(y)) or y < 0:
             return
         predicted = max(self(x), 1e-9)
-        self.err += 2 * self.forget * (abs(y - predicted) / predicted - self.err)
+        # One outlier (a first call's warm-up, a stall) must not wreck the fit: an observation moves the
+        # fit by at most 4x, the error margin by a bounded step; a real change takes a few observations.
+        self.err += 2 * self.forget * (min(abs(y - predicted) / predicted, 1.0) - self.err)
+        y = min(max(y, predicted / 4), predicted * 4)
         k = 1.0 - self.forget
         self._sw = self._sw * k + 1.0
         self._sx = self._sx * k + x
@@ -176,6 +183,7 @@ class CostModel:
         self.profile = profile
         self._forget = forget
         self._load_alpha = load_alpha
+        self._max_ab = (0.0, 0.0)  # running maxima of a and b (with margins) over fits: never decrease
         self._exec: dict[str, LinearFit] = {}
         self._bps = {Tier.HOST: profile.host_to_device_bps, Tier.DISK: profile.disk_to_host_bps}
 
@@ -186,11 +194,13 @@ class CostModel:
             fit = LinearFit(p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget)
             if nbytes > 0:  # a prior from unknown bytes would anchor the fit at zero per-token cost
                 self._exec[model] = fit
+                self._raise_max(fit)
         return fit
 
     def set_exec(self, model: str, a: float, b: float) -> None:
         """Seed ``model``'s execution fit with profiled ``a`` (s per batch) and ``b`` (s per token)."""
         self._exec[model] = LinearFit(a, b, forget=self._forget)
+        self._raise_max(self._exec[model])
 
     def exec_seconds(self, model: str, tokens: int, nbytes: int = 0) -> float:
         """Predicted seconds to run one batch of ``tokens`` tokens on ``model`` (weights of ``nbytes``)."""
@@ -199,6 +209,17 @@ class CostModel:
     def exec_params(self, model: str, nbytes: int = 0) -> tuple[float, float]:
         fit = self._fit(model, nbytes)
         return fit.a, fit.b
+
+    def max_exec_seconds(self, tokens: int, nbytes: int) -> float:
+        """An upper bound of ``exec_seconds(m, tokens)`` (margin included) over every model ``m`` fitted so
+        far and a model of ``nbytes`` not seen yet."""
+        a, b = self._max_ab
+        p = self.profile
+        return max(a, p.batch_overhead_s) + max(b, p.token_seconds(nbytes)) * tokens
+
+    def _raise_max(self, fit: LinearFit) -> None:
+        margin = 1 + 2 * fit.err
+        self._max_ab = (max(self._max_ab[0], fit.a * margin), max(self._max_ab[1], fit.b * margin))
 
     def exec_margin(self, model: str) -> float:
         """Factor to stretch ``model``'s predicted execution time by when a deadline depends on it:
@@ -216,14 +237,19 @@ class CostModel:
         return seconds
 
     def step_seconds(self, load_s: float, exec_s: float) -> float:
-        """Wall time of a step that loads for ``load_s`` while computing for ``exec_s`` (pipelined)."""
+        """Wall time of a step that loads for ``load_s`` while computing for ``exec_s``: between fully
+        serial and fully pipelined (``max + min / stages``), as far as the device overlaps copies."""
         if load_s <= 0:
             return exec_s
-        return max(load_s, exec_s) + min(load_s, exec_s) / self.profile.pipeline_stages
+        serial = load_s + exec_s
+        pipelined = max(load_s, exec_s) + min(load_s, exec_s) / self.profile.pipeline_stages
+        return serial - self.profile.copy_overlap * (serial - pipelined)
 
     def observe_exec(self, model: str, tokens: int, seconds: float, nbytes: int = 0) -> None:
         """Fold one measured batch (``tokens`` tokens took ``seconds``) into ``model``'s fit."""
-        self._fit(model, nbytes).observe(float(tokens), seconds)
+        fit = self._exec[model] = self._fit(model, nbytes)  # kept even without a size: it has data now
+        fit.observe(float(tokens), seconds)
+        self._raise_max(fit)
 
     def observe_load(self, nbytes: int, seconds: float, source: Tier = Tier.HOST) -> None:
         """Fold one measured load into the bandwidth of ``source`` (EWMA). Loads from disk are taken

@@ -123,10 +123,6 @@ class ModelQueue:
         """The queued requests in submission order."""
         return iter(self._by_seq.values())
 
-    def count_deadlines_before(self, t: float) -> int:
-        """How many queued requests have a deadline earlier than ``t``."""
-        return bisect.bisect_left(self._keys, (t, -1))
-
 
 class RequestQueues:
     """Bounded per-(model, class) queues in deadline order, plus global arrival and deadline indices.
@@ -142,6 +138,7 @@ class RequestQueues:
         self._nonempty: tuple[dict[str, None], dict[str, None]] = ({}, {})  # per class, insertion-ordered
         self._live: dict[int, tuple[Request, int]] = {}  # id -> (request, seq)
         self._seq = 0
+        self.max_tokens = 1  # the largest request ever queued (bounds predictions)
         # Lazy-deletion heaps per class: entries of removed requests are skipped when they surface.
         self._by_arrival: tuple[list[tuple[float, int, int]], ...] = ([], [])
         self._by_deadline: tuple[list[tuple[float, int, int]], ...] = ([], [])
@@ -170,6 +167,7 @@ class RequestQueues:
             )
         self._seq += 1
         seq = self._seq
+        self.max_tokens = max(self.max_tokens, req.tokens)
         q.insert(req, seq)
         self._live[req.id] = (req, seq)
         self._nonempty[req.cls][req.model] = None
@@ -199,13 +197,19 @@ class RequestQueues:
             return heapq.merge(*(q.by_arrival() for q in qs), key=lambda r: self._live[r.id][1])
         return heapq.merge(*qs, key=lambda r: (r.deadline, self._live[r.id][1]))
 
+    def nonempty(self, cls: RequestClass) -> list[ModelQueue]:
+        """The non-empty queues of ``cls``."""
+        return [self._queues[(m, cls)] for m in self._nonempty[cls]]
+
     def models(self, cls: RequestClass) -> Sequence[str]:
         """Models with at least one queued request of ``cls``, in the order their queues became non-empty."""
         return list(self._nonempty[cls])
 
     def has(self, model: str, cls: RequestClass | None = None) -> bool:
-        classes = (cls,) if cls is not None else tuple(RequestClass)
-        return any(model in self._nonempty[c] for c in classes)
+        """True when ``model`` has queued requests (of ``cls``, or of any class)."""
+        if cls is not None:
+            return model in self._nonempty[cls]
+        return model in self._nonempty[0] or model in self._nonempty[1]
 
     def depth(self, model: str, cls: RequestClass | None = None) -> int:
         classes = (cls,) if cls is not None else tuple(RequestClass)

@@ -6,10 +6,13 @@ Contract with the engine (one worker thread; the scheduler is not thread-safe, t
 2. When the worker is free: ``step = schedule(view)``.
    - Fail every request of ``step.expired`` as a timeout (``DeadlineExceeded``); never run them.
    - Evict ``step.evict`` from the device, in order; then, if ``step.load_needed``, load ``step.model``
-     (or wait for its load already in flight); start loading ``step.prefetch`` in the background.
+     (or wait for its load already in flight); start loading ``step.prefetch`` in the background, behind
+     that load (the scheduler predicts loads as sharing one channel, one after another).
    - Run ``step.batch`` on ``step.model`` as one batch. A result ready after its request's deadline is
      failed as a timeout, not delivered.
    - Call ``on_step_done(step, ...)`` with what it measured, before the next ``schedule``.
+   - A step with ``model`` None (kind IDLE) has nothing to run now: fail its ``expired``, then wait for the
+     next ``submit``, the end of a load, or ``wake_at()``, whichever comes first; it needs no report.
 3. When a background load (prefetch) finishes or fails: ``on_load_done(model, ...)``.
 4. ``cancel(id)`` when a client goes away before its request was scheduled.
 
@@ -30,8 +33,8 @@ from typing import Protocol
 
 from ptmserve.engine.costs import CostModel, Tier
 from ptmserve.engine.policies import Context, ModelStats, Plan, Policy, StepKind, make_policy
-from ptmserve.engine.requests import Request, RequestQueues
-from ptmserve.errors import DeadlineExceeded, InvalidInput
+from ptmserve.engine.requests import Request, RequestClass, RequestQueues
+from ptmserve.errors import DeadlineExceeded, InvalidConfig, InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +109,12 @@ class SchedulerLimits:
     def __post_init__(self) -> None:
         for name in ("max_batch_requests", "max_batch_tokens", "max_queue_per_model_class"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidConfig(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prefetch < 0 or self.rate_window_s <= 0:
-            raise ValueError("max_prefetch must be >= 0 and rate_window_s > 0")
+            raise InvalidConfig(
+                f"max_prefetch must be >= 0 and rate_window_s > 0, "
+                f"got {self.max_prefetch} and {self.rate_window_s}"
+            )
 
 
 @dataclass(slots=True)
@@ -119,9 +125,7 @@ class Step:
     model: str | None  # the model whose batch runs; None when there is nothing to run now
     batch: list[Request]  # run these as one batch on ``model``, in this order; empty when ``model`` is None
     expired: list[Request]  # fail these as timeouts; they were taken out of the queues and must never run
-    load_needed: (
-        bool  # ``model`` is not resident: load it (or wait for its in-flight load) before/while running
-    )
+    load_needed: bool  # ``model`` is not resident: load it (or wait for its load in flight) as it runs
     evict: list[str]  # evict these from the device first, in order (never busy, loading or ``model``)
     prefetch: list[str]  # then start loading these in the background; they overlap the batch
     estimated_seconds: float  # predicted wall time of the load (if any) and the batch
@@ -158,8 +162,14 @@ class Scheduler:
         self._loads: dict[str, _LoadInFlight] = {}  # prefetches started by our steps, not yet done
         self._outstanding: Step | None = None
         self._seq = 0
+        self._timeouts: dict[RequestClass, float] = {}  # EWMA of (deadline - arrival) per class
 
     # -- requests -------------------------------------------------------------------------------------
+
+    def register(self, model: str, nbytes: int) -> None:
+        """Tell the scheduler ``model``'s device bytes before a ``TierView`` shows it, so that its first
+        requests get cost predictions from its size (otherwise only the per-batch overhead is known)."""
+        self._sizes[model] = nbytes
 
     def submit(self, req: Request) -> None:
         """Queue ``req`` for its model and class.
@@ -177,7 +187,13 @@ class Scheduler:
             raise DeadlineExceeded(f"request {req.id} for {req.model!r}: deadline already passed")
         if self.policy.predictive_expiry:
             nbytes = self._sizes.get(req.model, 0)
-            load = 0.0 if req.model in self._resident else self.costs.load_seconds(nbytes)
+            inflight = self._loads.get(req.model)
+            if req.model in self._resident:
+                load = 0.0
+            elif inflight is not None:
+                load = max(0.0, inflight.started + inflight.predicted_s - now)
+            else:
+                load = self.costs.load_seconds(nbytes)
             best = self.costs.step_seconds(load, self.costs.exec_seconds(req.model, req.tokens, nbytes))
             if now + best > req.deadline:
                 raise DeadlineExceeded(
@@ -185,6 +201,9 @@ class Scheduler:
                     f"has {(req.deadline - now) * 1e3:.1f} ms"
                 )
         self.queues.push(req)
+        seen = self._timeouts.get(req.cls)
+        timeout = req.deadline - req.arrival
+        self._timeouts[req.cls] = timeout if seen is None else seen + 0.05 * (timeout - seen)
         stats = self.stats.get(req.model)
         if stats is None:
             stats = self.stats[req.model] = ModelStats()
@@ -203,19 +222,26 @@ class Scheduler:
         return len(self.queues)
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline among queued requests: the latest time an idle engine should call
-        ``schedule`` again even if nothing else happens."""
+        """The earliest deadline among queued requests."""
         head = self.queues.earliest()
         return head.deadline if head else None
+
+    def wake_at(self) -> float | None:
+        """When an engine that got an IDLE step (or None) should call ``schedule`` again at the latest if
+        nothing else happens (no ``submit``, no load ending): the earliest queued deadline, or sooner when
+        the policy holds work back (fastptm lets batch work for a cold model gather until it is owed).
+        None when nothing is queued."""
+        times = [t for t in (self.next_deadline(), self.policy.wake_at(self.queues)) if t is not None]
+        return min(times) if times else None
 
     # -- decisions ------------------------------------------------------------------------------------
 
     def schedule(self, view: TierView) -> Step | None:
         """Decide the next step given the tiers as they are now.
 
-        Returns None when nothing is queued. Otherwise a ``Step``: its ``batch`` is non-empty unless every
-        candidate is blocked (its bytes cannot be freed because models are busy or loading); the engine
-        then fails ``expired`` and calls again after the next ``on_load_done`` or ``submit``.
+        Returns None when nothing is queued. Otherwise a ``Step``; its ``batch`` is empty (kind IDLE) when
+        nothing can run now: every candidate's bytes are held by busy or loading models, or the policy
+        holds work back (see ``wake_at``).
 
         Raises:
             RuntimeError: the previous step has not been reported with ``on_step_done``.
@@ -236,8 +262,6 @@ class Scheduler:
                 break
         self._seq += 1
         if chosen is None:
-            if not ctx.expired:
-                return None
             return Step(self._seq, None, [], ctx.expired, False, [], [], 0.0, 0, StepKind.IDLE, ctx.now)
         plan, evict = chosen
         for req in plan.batch:
@@ -281,17 +305,25 @@ class Scheduler:
             stats=self.stats,
             sizes=self._sizes,
             load_remaining={m: max(0.0, ld.started + ld.predicted_s - now) for m, ld in self._loads.items()},
+            typical_timeout=self._timeouts,
         )
 
-    def _room(self, ctx: Context, need: int, free: int, protect: set[str]) -> list[str] | None:
-        """Models to evict so that ``need`` bytes fit in ``free``; None when that is impossible."""
+    def _room(
+        self, ctx: Context, need: int, free: int, protect: set[str], prefetch: str | None = None
+    ) -> list[str] | None:
+        """Models to evict so that ``need`` bytes fit in ``free`` (for a prefetch of ``prefetch``, only
+        victims the policy allows for it); None when that is impossible."""
         if need <= free:
             return []
         view = ctx.view
         busy, loading = set(view.busy), set(view.loading)
         candidates = [m for m in view.resident if m not in protect and m not in busy and m not in loading]
+        if prefetch is None:
+            order = self.policy.eviction_order(ctx, candidates)
+        else:
+            order = self.policy.prefetch_victims(ctx, candidates, prefetch)
         evict: list[str] = []
-        for m in self.policy.eviction_order(ctx, candidates):
+        for m in order:
             if free >= need:
                 break
             evict.append(m)
@@ -307,13 +339,13 @@ class Scheduler:
         channel_free = ctx.now + ctx.channel_wait
         if step.load_needed and not ctx.is_loading(step.model):
             channel_free += ctx.costs.load_seconds(ctx.nbytes(step.model), ctx.source(step.model))
-        for model in self.policy.prefetch(ctx, step.model, free):
+        for model in self.policy.prefetch(ctx, step.model, free, step.estimated_seconds):
             if len(step.prefetch) >= self.limits.max_prefetch:
                 break
             if model in protect or ctx.is_resident(model) or model in ctx.view.loading:
                 continue
             need = ctx.nbytes(model)
-            more = self._room(ctx, need, free, protect | {model} | set(step.evict))
+            more = self._room(ctx, need, free, protect | {model} | set(step.evict), prefetch=model)
             if more is None:
                 continue
             more = [m for m in more if m not in step.evict]
@@ -335,16 +367,27 @@ class Scheduler:
         loaded_bytes: int = 0,
         ok: bool = True,
     ) -> None:
-        """Report that ``step`` finished (or failed, ``ok=False``): ``exec_seconds`` of compute, and the
-        demand load it needed (``load_seconds`` moving ``loaded_bytes``; zeros if it needed none).
-        Measurements refine the cost model; a failed step only releases the worker."""
+        """Report that ``step`` finished (or failed, ``ok=False``).
+
+        Args:
+            exec_seconds: time the batch computed, without waiting for weights; 0 when not measured.
+            load_seconds: time its demand load took (``loaded_bytes`` moved); 0 when it needed none. When
+                ``step.load_needed`` and this is 0, ``exec_seconds`` is taken to include the load and is not
+                used to refine the execution costs.
+
+        Measurements refine the cost model; a failed step only releases the worker. Reporting a step with
+        nothing to run (``model`` None) is allowed and does nothing.
+        """
+        if step.model is None:
+            return
         if self._outstanding is not step:
             raise RuntimeError(f"step {step.seq} is not the outstanding step")
         self._outstanding = None
-        if step.model is None or not ok:
+        if not ok:
             return
         nbytes = self._sizes.get(step.model, 0)
-        if exec_seconds > 0 and math.isfinite(exec_seconds):
+        pure = not step.load_needed or load_seconds > 0
+        if pure and exec_seconds > 0 and math.isfinite(exec_seconds):
             self.costs.observe_exec(step.model, step.tokens, exec_seconds, nbytes)
         if load_seconds > 0 and loaded_bytes > 0:
             self.costs.observe_load(loaded_bytes, load_seconds, step.load_source)
@@ -362,6 +405,7 @@ class Scheduler:
 
     def eviction_order(self, models: Iterable[str], view: TierView) -> list[str]:
         """Rank ``models`` for eviction, the first to evict first, by the policy's own order (LRU for the
-        baselines, expected reuse for fastptm). For the weight manager's evictions outside ``Step``."""
+        baselines, expected reuse for fastptm). For the weight manager's evictions outside ``Step``; like
+        every method here, call it from the thread that owns the scheduler."""
         ctx = self._context(view)
         return self.policy.eviction_order(ctx, list(models))

@@ -80,6 +80,7 @@ class SimResult:
     records: list[Record]
     loads: int = 0  # model loads onto the device (switches), prefetches included
     prefetches: int = 0  # loads started as prefetches
+    prefetches_unused: int = 0  # prefetched models evicted before any step ran them
     loaded_bytes: int = 0
     evictions: int = 0
     steps: int = 0
@@ -112,6 +113,8 @@ class SimTiers:
         self.channel_free = 0.0  # when the load channel finishes its queued work
         self.max_used = 0
         self.evictions = 0
+        self.unused: set[str] = set()  # prefetched, not run since
+        self.prefetches_unused = 0
         self.truth = CostModel(config.truth)
         for m in config.warm:
             if self.used + self.sizes[m] <= self.device_budget:
@@ -150,6 +153,9 @@ class SimTiers:
         self.resident_set.remove(model)
         self.used -= self.sizes[model]
         self.evictions += 1
+        if model in self.unused:
+            self.unused.discard(model)
+            self.prefetches_unused += 1
 
     def start_load(self, model: str, now: float, prefetch: bool) -> _Load:
         """Queue a load of ``model`` on the load channel; its bytes are reserved from now."""
@@ -210,11 +216,14 @@ def simulate(
     ``scheduler`` must read ``clock``. Every request ends with exactly one outcome; a request whose batch
     ends after its deadline counts as a timeout (the engine would fail it the same way).
     """
+    for model, nbytes in config.sizes.items():
+        scheduler.register(model, nbytes)
     sim = _Sim(arrivals, scheduler, clock, config)
     sim.run()
     duration = arrivals[-1].time if arrivals else 0.0
     result = SimResult(policy or scheduler.policy.name, duration, sim.now, sim.records, **sim.counters)
     result.evictions = sim.tiers.evictions
+    result.prefetches_unused = sim.tiers.prefetches_unused
     result.max_device_bytes = sim.tiers.max_used
     result.loads_per_model = sim.loads_per_model
     return result
@@ -247,12 +256,15 @@ class _Sim:
                 self._fail(step.expired, self.now)
             if step is None or step.model is None:
                 nxt = min(self._next_arrival(), self.tiers.next_load_finish())
+                for wake in (self.sched.wake_at(), self.sched.next_deadline()):
+                    if wake is not None and wake > self.now:  # held-back work comes due, or expires
+                        nxt = min(nxt, wake)
                 if math.isinf(nxt):
                     break
                 self.now = max(nxt, self.now)
                 continue
             self._execute(step)
-        if self.sched.pending():  # only when a model can never fit: nothing could run them
+        if self.sched.pending():  # only when a model can never fit and its requests never expire
             stuck = [r for r in self.records if r.outcome is None]
             for r in stuck:
                 self.sched.cancel(r.id)
@@ -299,14 +311,22 @@ class _Sim:
             else:
                 ld.prefetch = False  # the step waits for it: report it with the step
             wait = ld.finish - now
-        for m in step.prefetch:
-            ld = tiers.start_load(m, now, prefetch=True)
+        tiers.unused.discard(step.model)
+        tiers.unused.update(step.prefetch)
+        prefetched = [tiers.start_load(m, now, prefetch=True) for m in step.prefetch]
+        for m, ld in zip(step.prefetch, prefetched, strict=True):
             self._count_load(m, ld.nbytes)
             self.counters["prefetches"] += 1
         exec_s = self.truth.exec_seconds(step.model, step.tokens, tiers.sizes[step.model])
         if self.config.exec_noise > 0:
             exec_s *= math.exp(self.rng.gauss(0.0, self.config.exec_noise))
         seconds = self.truth.step_seconds(wait, exec_s)
+        # A copy that does not hide behind compute (same cores) slows the batch it overlaps.
+        contention = (1.0 - self.config.truth.copy_overlap) * sum(
+            max(0.0, min(now + seconds, ld.finish) - max(now + wait, ld.start)) for ld in prefetched
+        )
+        exec_s += contention
+        seconds += contention
         end = now + seconds
         self._admit(end)
         self.now = end

@@ -29,6 +29,8 @@ from ptmserve.models.packed import pack
 
 logger = logging.getLogger(__name__)
 
+_MAX_IDLE_S = 0.1  # an idle worker re-checks at least this often (a load it waits on may end silently)
+
 
 @dataclass(slots=True)
 class Work:
@@ -120,11 +122,13 @@ class Worker:
     # -- the worker thread ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        idle = False  # the last schedule ran nothing: wait for news instead of asking again at once
         while True:
-            self._receive()
+            self._receive(wait=idle)
             if self._stopping and not self._scheduler.pending():
                 return
             step = self._scheduler.schedule(_Tiers(self._weights, self._catalog, self._busy))
+            idle = step is None or (step.model is None and not step.expired)
             if step is None:
                 continue
             try:
@@ -135,20 +139,20 @@ class Worker:
                     self._fail(r, PtmError("internal error"), Outcome.ERROR)
                 self._scheduler.on_step_done(step, 0.0, ok=False)
 
-    def _receive(self) -> None:
-        """Take every message waiting; block when there is nothing to schedule."""
-        block = not self._scheduler.pending() and not self._stopping
+    def _receive(self, *, wait: bool) -> None:
+        """Take every message waiting. With ``wait``, first block until a message arrives (a request, a
+        load ending) or until the scheduler wants to be asked again (``wake_at``)."""
+        timeout: float | None = 0.0
+        if wait:
+            wake = self._scheduler.wake_at()
+            timeout = None if wake is None else min(_MAX_IDLE_S, max(0.0, wake - self._scheduler.clock()))
         while True:
             try:
-                message = self._inbox.get(timeout=self._idle_timeout()) if block else self._inbox.get_nowait()
+                message = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
             except queue.Empty:
                 return
-            block = False
+            timeout = 0.0
             self._handle(message)
-
-    def _idle_timeout(self) -> float | None:
-        deadline = self._scheduler.next_deadline()
-        return None if deadline is None else max(0.0, deadline - self._scheduler.clock())
 
     def _handle(self, message: Request | _Control | _LoadDone | _Stop) -> None:
         if isinstance(message, _Stop):
@@ -162,6 +166,7 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 message.future.set_exception(exc)
         else:
+            self._scheduler.register(message.model, self._catalog.device_bytes(message.model))
             try:
                 self._scheduler.submit(message)
             except PtmError as exc:
@@ -173,10 +178,8 @@ class Worker:
             self._fail(
                 r, DeadlineExceeded(f"request for {r.model!r} could not finish in time"), Outcome.TIMEOUT
             )
-        if step.model is None:
+        if step.model is None:  # nothing can run now (work gathering, or waiting on a load)
             self._scheduler.on_step_done(step, 0.0)
-            if not step.expired:
-                time.sleep(0.001)  # every candidate waits on a load: let it progress
             return
         for m in step.evict:
             self._weights.evict(m)
@@ -184,8 +187,8 @@ class Worker:
         for r in step.batch:
             if r.payload.future.cancelled():  # the client went away while it was queued
                 self._metrics.requests.labels(r.model, Outcome.ERROR.value).inc()
-        self._start_prefetch(step.prefetch)
         if not batch:
+            self._start_prefetch(step.prefetch)
             self._scheduler.on_step_done(step, 0.0)
             return
         self._execute(step, batch)
@@ -204,6 +207,7 @@ class Worker:
             packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
             t0 = time.perf_counter()
             with self._weights.acquire(model) as loaded:
+                self._start_prefetch(step.prefetch)  # queued behind this step's own load
                 out = loaded.run(packed, classify=classify)
                 embeddings = out.embeddings.float().cpu().numpy()
                 logits = out.logits.float().cpu().numpy() if out.logits is not None else None

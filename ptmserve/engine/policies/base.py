@@ -67,6 +67,7 @@ class Context:
         stats: dict[str, ModelStats],
         sizes: dict[str, int],
         load_remaining: Mapping[str, float],
+        typical_timeout: Mapping[RequestClass, float] | None = None,
     ) -> None:
         self.now = now
         self.view = view
@@ -76,10 +77,12 @@ class Context:
         self.stats = stats
         self.sizes = sizes
         self.load_remaining = load_remaining  # predicted seconds left of loads our prefetches started
+        self.typical_timeout = typical_timeout or {}  # recent mean of (deadline - arrival) per class
         self.expired: list[Request] = []  # taken out of the queues during this call
+        self._nbytes: dict[str, int] = {}
         self.resident = frozenset(view.resident)
         self.loading = frozenset(view.loading)
-        self.host = frozenset(view.host)
+        self.host = view.host  # only asked "in"
         self.device_free = view.device_free
         # Loads share one channel: a new load starts after the ones in flight (unknown ones count in full).
         self.channel_wait = sum(
@@ -88,7 +91,10 @@ class Context:
         )
 
     def nbytes(self, model: str) -> int:
-        n = self.sizes[model] = self.view.model_bytes(model)
+        """Device bytes of ``model`` (asked of the view once per call of ``schedule``)."""
+        n = self._nbytes.get(model)
+        if n is None:
+            n = self._nbytes[model] = self.sizes[model] = self.view.model_bytes(model)
         return n
 
     def is_resident(self, model: str) -> bool:
@@ -106,18 +112,20 @@ class Context:
         """Device bytes that must still be found for ``model`` (0 if resident or already loading)."""
         return 0 if model in self.resident or model in self.loading else self.nbytes(model)
 
-    def load_seconds(self, model: str) -> float:
-        """Predicted seconds until ``model`` is resident if its load started (or continued) now."""
+    def load_seconds(self, model: str, delay: float = 0.0) -> float:
+        """Predicted seconds until ``model`` is resident, counted from ``delay`` seconds from now, if it is
+        asked for then: what is left of its load in flight, or a new load behind the loads in flight."""
         if model in self.resident:
             return 0.0
         if model in self.load_remaining:
-            return self.load_remaining[model]
+            return max(self.load_remaining[model] - delay, 0.0)
         if model in self.loading:  # started by the engine itself: assume it just began
-            return self.costs.load_seconds(self.nbytes(model))
-        return self.channel_wait + self.costs.load_seconds(self.nbytes(model), self.source(model))
+            return max(self.costs.load_seconds(self.nbytes(model)) - delay, 0.0)
+        wait = max(self.channel_wait - delay, 0.0)
+        return wait + self.costs.load_seconds(self.nbytes(model), self.source(model))
 
     def exec_seconds(self, model: str, tokens: int) -> float:
-        return self.costs.exec_seconds(model, tokens, self.sizes.get(model, 0))
+        return self.costs.exec_seconds(model, tokens, self.nbytes(model))
 
     def step_seconds(self, model: str, tokens: int) -> float:
         """Predicted wall time of running ``tokens`` on ``model`` now, its load included."""
@@ -136,6 +144,13 @@ class Context:
         self.queues.remove(req)
         self.expired.append(req)
 
+    def horizon(self) -> float:
+        """Slack beyond which no queued request can be doomed: the longest predicted load (from disk,
+        behind the loads in flight) plus the longest run of the largest request ever queued."""
+        largest = max(self.sizes.values(), default=0)
+        load = self.costs.load_seconds(largest, Tier.DISK)
+        return self.channel_wait + load + self.costs.max_exec_seconds(self.queues.max_tokens, largest)
+
     def doomed(self, req: Request) -> bool:
         """True when ``req`` would miss its deadline even if it ran alone right now."""
         return self.now + self.step_seconds(req.model, req.tokens) > req.deadline
@@ -153,21 +168,28 @@ def take(
     """Append requests of ``model`` from ``reqs`` (in their order) to ``batch`` while the batch limits hold.
 
     With ``predictive``, a request joins only if the batch is still predicted to finish before every member's
-    deadline; a request that cannot finish in time even alone is expired. Once ``batch`` is non-empty, no
-    request joins that would make the step end later than ``max_seconds`` from now.
+    deadline, with the model's error margin (the first request of a batch: half of it, so that it gets its
+    chance alone); a request that cannot finish in time even alone is expired. Once ``batch`` is non-empty,
+    no request joins that would make the step end later than ``max_seconds`` from now.
     """
     lim = ctx.limits
     tokens = sum(r.tokens for r in batch)
     bound = min((r.deadline for r in batch), default=math.inf)
     load = ctx.load_seconds(model)
-    a, b = ctx.costs.exec_params(model, ctx.sizes.get(model, 0))
-    if predictive:  # joining is judged on a pessimistic estimate, expiry on the plain one
-        margin = ctx.costs.exec_margin(model)
-        a, b = a * margin, b * margin
+    a, b = ctx.costs.exec_params(model, ctx.nbytes(model))
     step = ctx.costs.step_seconds
     doomed: list[Request] = []
+    it = iter(reqs)
+    if predictive:  # joining is judged on pessimistic estimates, expiry on the plain one
+        margin = ctx.costs.exec_margin(model)
+        if not batch:  # the first request of a batch gets its chance alone with half the margin
+            first = _first_alone(ctx, it, load, a * (1 + margin) / 2, b * (1 + margin) / 2, doomed)
+            if first is not None:
+                batch.append(first)
+                tokens, bound = first.tokens, first.deadline
+        a, b = a * margin, b * margin
     scanned = 0
-    for r in reqs:
+    for r in it:
         if len(batch) >= lim.max_batch_requests or scanned >= 4 * lim.max_batch_requests:
             break
         scanned += 1
@@ -186,6 +208,43 @@ def take(
         bound = min(bound, r.deadline)
     for r in doomed:
         ctx.expire(r)
+
+
+def _first_alone(
+    ctx: Context, it: Iterator[Request], load: float, a: float, b: float, doomed: list[Request]
+) -> Request | None:
+    """The first request of ``it`` predicted (exec ``a + b * tokens``) to finish alone by its deadline;
+    the doomed ones met on the way go to ``doomed``."""
+    for scanned, r in enumerate(it):
+        if ctx.now + ctx.costs.step_seconds(load, a + b * r.tokens) <= r.deadline:
+            return r
+        if ctx.doomed(r):
+            doomed.append(r)
+        if scanned >= 4 * ctx.limits.max_batch_requests:
+            break
+    return None
+
+
+def servable(ctx: Context, model: str, reqs: Iterable[Request], delay: float = 0.0) -> int:
+    """How many of ``reqs`` (in their order) one batch of ``model`` starting ``delay`` seconds from now
+    would serve within their deadlines, under ``take``'s rules (without taking them)."""
+    lim = ctx.limits
+    margin = ctx.costs.exec_margin(model)
+    a, b = ctx.costs.exec_params(model, ctx.nbytes(model))
+    a, b = a * margin, b * margin
+    load = ctx.load_seconds(model, delay)
+    start = ctx.now + delay
+    step = ctx.costs.step_seconds
+    count, tokens, bound = 0, 0, math.inf
+    for scanned, r in enumerate(reqs):
+        if count >= lim.max_batch_requests or scanned >= 4 * lim.max_batch_requests:
+            break
+        t = tokens + r.tokens
+        if count and t > lim.max_batch_tokens:
+            continue
+        if start + step(load, a + b * t) <= min(bound, r.deadline):
+            count, tokens, bound = count + 1, t, min(bound, r.deadline)
+    return count
 
 
 class Policy:
@@ -207,10 +266,10 @@ class Policy:
                 ctx.expire(r)
         if not self.predictive_expiry:
             return
+        horizon = ctx.now + ctx.horizon()
         for cls in RequestClass:
-            for m in queues.models(cls):
-                q = queues.queue(m, cls)
-                while q and ctx.doomed(q[0]):
+            for q in queues.nonempty(cls):
+                while q and q[0].deadline < horizon and ctx.doomed(q[0]):
                     ctx.expire(q[0])
 
     def plans(self, ctx: Context) -> Iterator[Plan]:
@@ -221,18 +280,22 @@ class Policy:
         """``candidates`` (resident, idle models) ordered so the first should be evicted first. LRU."""
         return sorted(candidates, key=ctx.last_used)
 
-    def prefetch(self, ctx: Context, model: str, free: int) -> list[str]:
-        """Models worth loading in the background while ``model`` runs, best first (``free`` device bytes
-        remain after the step's own load). None by default: the baselines load on demand."""
-        return []
+    def prefetch_victims(self, ctx: Context, candidates: list[str], target: str) -> list[str]:
+        """Which of ``candidates`` may be evicted to prefetch ``target``, the first to evict first."""
+        return self.eviction_order(ctx, candidates)
+
+    def prefetch(self, ctx: Context, model: str, free: int, seconds: float) -> Iterable[str]:
+        """Models worth loading in the background while ``model`` runs for ``seconds``, best first
+        (``free`` device bytes remain after the step's own load); the scheduler takes as many as fit.
+        None by default: the baselines load on demand."""
+        return ()
+
+    def wake_at(self, queues: RequestQueues) -> float | None:
+        """The earliest time the policy may run queued work it holds back now (None: it holds none back)."""
+        return None
 
     def on_step(self, ctx: Context, step: Step) -> None:
         """Called with every step ``schedule`` hands out (for policies with memory between steps)."""
-
-
-def queued(ctx: Context, model: str) -> list[Request]:
-    """Every queued request of ``model``, both classes."""
-    return [*ctx.queues.queue(model, REALTIME), *ctx.queues.queue(model, BATCH)]
 
 
 def kind_of(batch: list[Request]) -> StepKind:
