@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--burst-load", type=float, default=0.3, help="a burst's extra compute / device compute")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
-        "--profile", default="cpu-2core", help=f"device profile: {', '.join(PROFILES)} or a JSON file"
+        "--profile",
+        help=f"device profile: measure (through the engine; the default in real mode), {', '.join(PROFILES)} "
+        "(the default in sim mode) or a JSON file",
     )
     p.add_argument(
         "--exec-noise", type=float, default=0.1, help="sim: sigma of log-normal noise on batch times"
@@ -85,7 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, list[Arrival]]:
     """The workload spec, device profile and trace that ``args`` describe."""
     real = args.mode == "real"
-    profile = DeviceProfile.load(args.profile)
     spec = WorkloadSpec(
         models=args.models or (16 if real else 100),
         duration_s=args.duration or (120.0 if real else 3600.0),
@@ -97,6 +98,15 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
         burst_s=args.burst_seconds,
         seed=args.seed,
     )
+    profile_name = args.profile or ("measure" if real else "cpu-2core")
+    if profile_name == "measure":
+        from ptmserve.bench.trace_real import measure_profile, model_bytes
+
+        profile = measure_profile(spec)
+        args.model_bytes = model_bytes()  # the models as they sit on the device (bf16)
+        logger.info("measured profile: %s", profile.notes)
+    else:
+        profile = DeviceProfile.load(profile_name)
     spt = profile.token_seconds(args.model_bytes)  # device seconds per token, batch overheads aside
     spec = replace(spec, burst_rate=args.burst_load / spt / spec.mean_tokens())
     rate = args.rate if args.rate is not None else rate_for_load(spec, args.load, spt)
@@ -116,12 +126,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
     )
     results: dict[str, dict[str, object]] = {}
+    twins: dict[str, dict[str, object]] = {}
     for name in policies:
         started = time.perf_counter()
         if args.mode == "sim":
             results[name] = _run_sim(name, arrivals, spec, profile, device_models, limits, defaults, args)
         else:
             results[name] = _run_real(name, arrivals, spec, device_models, args)
+            # The simulator's twin: the same trace, budgets and measured profile, in virtual time.
+            twins[name] = _run_sim(name, arrivals, spec, profile, device_models, limits, defaults, args)
         results[name]["wall_seconds"] = round(time.perf_counter() - started, 2)
     report = {
         "mode": args.mode,
@@ -138,8 +151,33 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "policies": results,
         "vs_fifo_lru": _ratios(results),
     }
+    if twins:
+        report["sim_twin"] = twins
+        report["sim_vs_real"] = _agreement(results, twins)
     print(format_table(report))
+    if twins:
+        print("simulator twin of the real run (same trace and profile):")
+        print(format_table({**report, "policies": twins, "vs_fifo_lru": _ratios(twins), "mode": "sim"}))
+        for name, d in report["sim_vs_real"].items():  # type: ignore[union-attr]
+            print(f"sim vs real, {name}: " + ", ".join(f"{k} {_pct_diff(v)}" for k, v in d.items()))
     return report  # the CLI writes it to --json
+
+
+def _agreement(
+    real: Mapping[str, Mapping[str, object]], sim: Mapping[str, Mapping[str, object]]
+) -> dict[str, dict[str, float | None]]:
+    """Relative difference (sim - real) / real of switches and timeouts, per policy."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in real:
+        out[name] = {}
+        for key in ("switches", "timeouts"):
+            r, s = float(real[name][key]), float(sim[name][key])  # type: ignore[arg-type]
+            out[name][key] = None if r == 0 else round((s - r) / r, 4)
+    return out
+
+
+def _pct_diff(x: float | None) -> str:
+    return "n/a (real is 0)" if x is None else f"{x:+.1%}"
 
 
 def _run_sim(

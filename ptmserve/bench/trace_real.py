@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import statistics
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -19,9 +21,11 @@ import torch
 
 from ptmserve.bench.workload import WorkloadSpec
 from ptmserve.engine.api import InferenceOptions
+from ptmserve.engine.costs import DeviceProfile
 from ptmserve.engine.engine import Engine, EngineSettings
 from ptmserve.models.config import EncoderConfig, Pooling
 from ptmserve.models.encoder import Encoder
+from ptmserve.models.packed import pack
 from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ MINILM = EncoderConfig(
     hidden_act="gelu",
     labels=(),
 )
+
+
+def model_bytes() -> int:
+    """Device bytes of one trace model (bf16)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Encoder(MINILM).parameters()) * 2
 
 
 def _tokenizer_json() -> bytes:
@@ -124,8 +134,7 @@ async def open_target(
 ) -> AsyncIterator[EngineTarget]:
     """An engine over ``spec``'s models under ``policy`` whose device tier holds ``device_models``."""
     repo = _repository(spec)
-    with torch.device("meta"):
-        per_model = sum(p.numel() for p in Encoder(MINILM).parameters()) * 2  # bf16 on the device
+    per_model = model_bytes()
     settings = EngineSettings(
         dtype="bfloat16",
         policy=policy,
@@ -144,3 +153,57 @@ async def open_target(
         yield EngineTarget(engine, MINILM.vocab_size)
     finally:
         engine.close()
+
+
+def measure_profile(spec: WorkloadSpec, repeats: int = 5) -> DeviceProfile:
+    """This machine's cost figures for the trace's models, measured through the real engine.
+
+    Load: host tier to device slot, to the whole model resident. Execution: packed batches of several
+    sizes, fitted as ``a + b * tokens``. The simulator's twin of the real run uses this profile.
+    """
+    repo = _repository(spec)
+    names = spec.model_names()[:3]
+    params = model_bytes() // 2
+    engine = Engine(repo, EngineSettings(dtype="bfloat16", device_memory=4 * params, host_memory="4GiB"))
+    try:
+        weights = engine.weights
+        for name in names:
+            weights.prefetch(name, tier="host")
+        load_s = []
+        for i in range(repeats * len(names)):
+            name = names[i % len(names)]
+            weights.evict(name)
+            while not weights.residency(name).on_host or weights.residency(name).loading:
+                time.sleep(0.01)
+            t0 = time.perf_counter()
+            with weights.acquire(name) as loaded:
+                loaded.wait()
+            load_s.append(time.perf_counter() - t0)
+        sizes = (16, 64, 256, 1024, 2048)
+        exec_s = []
+        rng = random.Random(0)
+        with weights.acquire(names[0]) as loaded:
+            loaded.wait()
+            for tokens in sizes:
+                ids = [[rng.randrange(3, MINILM.vocab_size) for _ in range(min(tokens, 128))]]
+                ids = ids * max(1, tokens // len(ids[0]))
+                batch = pack(ids, position_offset=0)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    loaded.run(batch)
+                    times.append(time.perf_counter() - t0)
+                exec_s.append(statistics.median(times))
+    finally:
+        engine.close()
+    b, a = statistics.linear_regression(sizes, exec_s)
+    load_median = statistics.median(load_s)
+    return DeviceProfile(
+        name="cpu-measured",
+        host_to_device_bps=2 * params / load_median,
+        batch_overhead_s=max(a, 0.0),
+        flops=2 * params / max(b, 1e-12),
+        bytes_per_param=2.0,
+        notes=f"measured through the engine: MiniLM-shaped bf16, load median {load_median:.4f} s, "
+        f"exec {a * 1e3:.2f} ms + {b * 1e6:.1f} us/token",
+    )
