@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             policy=args.policy,
             model_control=args.model_control,
             pipelined=not args.no_pipeline,
+            zero_copy=args.zero_copy,
             truncate=server_settings.long_inputs == "truncate",
             max_batch_tokens=args.max_batch_tokens,
             max_queue=args.max_queue,
@@ -162,6 +163,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="auto: every model loads on demand; explicit: only models loaded through the API serve",
     )
     p.add_argument("--no-pipeline", action="store_true", help="load a cold model fully before computing")
+    p.add_argument(
+        "--zero-copy",
+        action="store_true",
+        help="CPU only: compute straight from the host tier (no device copy)",
+    )
     p.add_argument(
         "--max-batch-tokens", type=int, default=8192, help="tokens in one batch (default %(default)s)"
     )

@@ -30,7 +30,7 @@ from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import ClassDefaults, Request, deadline_from, request_class
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.worker import Work, Worker
-from ptmserve.errors import InvalidConfig, InvalidInput, NotReady
+from ptmserve.errors import InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.sizes import parse_size
 from ptmserve.store.repository import Repository
@@ -58,6 +58,7 @@ class EngineSettings:
     realtime_timeout_s: float = 1.0  # deadline of a real-time request sent without a timeout
     batch_timeout_s: float = 60.0  # deadline of a batch request sent without a timeout
     verify: bool = True  # check tensors against their checksum when read from disk
+    zero_copy: bool = False  # CPU only: compute straight from the host tier (no separate device copy)
 
     def __post_init__(self) -> None:
         if self.model_control not in ("auto", "explicit"):
@@ -98,6 +99,7 @@ class Engine:
             device_budget=settings.device_memory,
             pipelined=settings.pipelined,
             verify=settings.verify,
+            zero_copy=settings.zero_copy,
         )
         self._worker = Worker(self._scheduler, self.weights, self.catalog, self.metrics, self.device)
         self._ids = itertools.count(1)
@@ -105,6 +107,7 @@ class Engine:
         self._loaded: set[str] = set()  # under explicit control: the models loaded through the API
         self._failed: dict[str, str] = {}  # model -> why its last explicit load failed
         self._accepting = True
+        self._refuse_oversized()
         for tier in (stats := self.weights.stats()).host, stats.device:
             self.metrics.budget_bytes.labels(tier.name).set(tier.budget_bytes)
         logger.info(
@@ -117,6 +120,15 @@ class Engine:
                 settings.host_memory,
             ),
         )
+
+    def _refuse_oversized(self) -> None:
+        """Mark every model that can never fit a tier's budget as unavailable, with the reason."""
+        for name in self.catalog.names():
+            try:
+                self.weights.check_budget(name)
+            except PtmError as exc:
+                logger.error("model %s cannot be served: %s", name, exc.message)
+                self._failed[name] = exc.message
 
     @classmethod
     def open(cls, repo_dir: str | Path = "models", **settings: object) -> Engine:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptmserve.memory.copy import Fence
+from ptmserve.memory.records import TierUsage
 
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 BufferKey = tuple[tuple[int, ...], torch.dtype]
@@ -101,6 +102,17 @@ class TensorCache:
     def model_bytes(self, model: str) -> int:
         """Bytes of the entries ``model`` uses (a shared entry counts for each of its users)."""
         return sum(e.nbytes for e in self._by_model.get(model, {}).values())
+
+    def usage(self) -> TierUsage:
+        """Accounted bytes, budget, free list, allocations and bytes per model, now."""
+        return TierUsage(
+            name=self.name,
+            used_bytes=self.used_bytes,
+            budget_bytes=self.budget,
+            free_list_bytes=self.free_bytes,
+            allocations=self.allocations,
+            per_model={m: self.model_bytes(m) for m in self._by_model},
+        )
 
     def holds_all(self, model: str, keys: Iterable[Hashable]) -> bool:
         """True when every key is held for ``model`` and its bytes are valid."""

@@ -2,8 +2,9 @@
 
 A job is planned under the weight manager's lock (which entries it must read from disk, which it must
 copy to the device, which other jobs it must wait for) and executed on a loader thread without the lock.
-Group ``g`` is read from the repository into the host tier, then its copies are queued on the copy
-engine; the loader moves on to read group ``g + 1`` while ``g`` is copied and an earlier group computes.
+Group ``g`` is read from the repository into the host tier; a verifier thread checks it against its
+sha256 and queues its copies on the copy engine, while the loader moves on to read group ``g + 1`` and
+an earlier group computes.
 Compute waits only for the fences of the group it is about to run: that is the pipelining.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Hashable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,7 @@ from ptmserve import errors
 from ptmserve.memory.cache import Entry, TensorSpec
 from ptmserve.memory.copy import CopyEngine, Fence
 from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.store import segments
 from ptmserve.store.manifest import ModelManifest, TensorEntry, torch_dtype
 from ptmserve.store.repository import Repository
 
@@ -84,7 +87,7 @@ class GroupPlan:
 
 
 class LoadJob:
-    """One load of one model into the host tier (and the device tier when ``to_device``)."""
+    """One load of one model: disk -> host tier, then (for a device load) host -> device tier."""
 
     def __init__(self, model: str, groups: list[GroupPlan], params: dict[str, nn.Parameter]) -> None:
         self.model = model
@@ -105,37 +108,81 @@ class LoadJob:
         for fence in plan.ready:
             fence.wait()
 
-    def execute(self, repo: Repository, copier: CopyEngine, *, verify: bool) -> None:
-        """Run the plan. On failure every fence this job owns is failed with the error (other jobs
-        and waiters learn of it), queued copies are drained, and the error is raised."""
+    def execute(self, repo: Repository, copier: CopyEngine, verifier: Executor | None) -> None:
+        """Run the plan. Group ``g + 1`` is read while ``g`` is checked against its sha256 on the
+        ``verifier`` thread (None: no checks) and then copied; nothing unchecked reaches a fence.
+
+        On failure, wait for the checks and copies already queued (none may write into a buffer once it
+        is freed) and raise the typed error; the caller frees the bytes, then calls ``fail``.
+        """
+        submitted: list[Fence] = []  # copy fences, appended by this thread and the verifier
+        stages: list[Future[None]] = []
         try:
             for plan in self.groups.values():
-                self._load_group(plan, repo, copier, verify)
+                if any(s.done() and s.exception() for s in stages):
+                    break  # a check failed: stop reading, report it below
+                self._load_group(plan, repo, copier, verifier, stages, submitted)
+            for stage in stages:
+                stage.result()
             for plan in self.groups.values():
                 for fence in plan.ready:
                     fence.synchronize()
         except BaseException as exc:
-            error = as_load_error(exc, self.model)
-            for entry in self.owned_host + self.owned_device:
-                entry.ready.fail(error)
-            for entry in self.owned_device:  # no queued copy may write into a buffer once it is freed
+            for stage in stages:
+                stage.exception()  # waits; no check may queue a copy after we return
+            for fence in submitted:
                 with contextlib.suppress(BaseException):
-                    entry.ready.synchronize()
+                    fence.synchronize()
+            error = as_load_error(exc, self.model)
             if error is exc:
                 raise
             raise error from exc
 
-    def _load_group(self, plan: GroupPlan, repo: Repository, copier: CopyEngine, verify: bool) -> None:
-        if plan.reads:
-            out = {e.name: h.tensor for e, h in plan.reads}
-            repo.read_into([e for e, _ in plan.reads], out, verify=verify, model=self.model)
-            for _, h in plan.reads:
-                h.ready.set()
+    def fail(self, error: BaseException) -> None:
+        """Fail every fence of this job not yet set: its waiters, and other jobs sharing its entries,
+        raise ``error``."""
+        for entry in self.owned_host + self.owned_device:
+            entry.ready.fail(error)
+
+    def _load_group(
+        self,
+        plan: GroupPlan,
+        repo: Repository,
+        copier: CopyEngine,
+        verifier: Executor | None,
+        stages: list[Future[None]],
+        submitted: list[Fence],
+    ) -> None:
         for h in plan.sources:
             h.ready.wait()
+        if plan.reads:
+            out = {e.name: h.tensor for e, h in plan.reads}
+            repo.read_into([e for e, _ in plan.reads], out, verify=False, model=self.model)
+            if verifier is not None:
+                stages.append(verifier.submit(self._check_and_copy, plan, copier, submitted))
+                return
+            for _, h in plan.reads:
+                h.ready.set()
+        self._copy(plan, copier, submitted)
+
+    def _check_and_copy(self, plan: GroupPlan, copier: CopyEngine, submitted: list[Fence]) -> None:
+        """Verifier thread: check the bytes just read, publish them, queue the group's copies."""
+        for e, h in plan.reads:
+            if segments.sha256_hex(segments.tensor_bytes(h.tensor)) != e.sha256:
+                raise errors.CorruptData(
+                    f"model {self.model!r} group {plan.name!r} tensor {e.name!r}: checksum mismatch "
+                    f"(segment {e.segment})"
+                )
+        for _, h in plan.reads:
+            h.ready.set()
+        self._copy(plan, copier, submitted)
+
+    @staticmethod
+    def _copy(plan: GroupPlan, copier: CopyEngine, submitted: list[Fence]) -> None:
         if plan.copies:
-            pairs = [(d.tensor, h.tensor) for d, h in plan.copies]
-            copier.submit(pairs, [d.ready for d, _ in plan.copies])
+            fences = [d.ready for d, _ in plan.copies]
+            copier.submit([(d.tensor, h.tensor) for d, h in plan.copies], fences)
+            submitted.extend(fences)
 
 
 def as_load_error(exc: BaseException, model: str) -> errors.PtmError:
@@ -156,12 +203,12 @@ def plan_load(
 
     Reads each host entry this job created once (in the first group that uses it), copies each device
     entry it created from its host source, and makes each group wait for all of its device entries,
-    including those another job is still filling. Without ``device_entries`` it is a host-only load.
+    including those another job is still filling. Without ``device_entries`` it is a host-only load,
+    whose parameters and fences are the host entries' (what zero-copy serving binds to).
     """
     mine_host = {id(h) for h in host_created}
     mine_dev = {id(d) for d in device_created}
-    planned: set[int] = set()
-    waited: set[int] = set()
+    done: set[int] = set()  # entries already read, copied or waited for by an earlier tensor
     params: dict[str, nn.Parameter] = {}
     groups = []
     for group in model.manifest.group_names():
@@ -169,24 +216,23 @@ def plan_load(
         for e in model.manifest.entries(group):
             h = host_entries.get(model.host_specs[e.name].key)
             d = None if device_entries is None else device_entries[model.device_specs[e.name].key]
+            target = d if d is not None else h
+            assert target is not None, f"no entry claimed for {e.name}"
+            params[e.name] = target.parameter()
+            if id(target) not in done:
+                plan.ready.append(target.ready)
+            if d is not None and (id(d) in done or id(d) not in mine_dev):
+                done.add(id(d))
+                continue  # already planned, or filled by another job: waiting is enough
             if d is not None:
-                params[e.name] = d.parameter()
-                if id(d) not in waited:
-                    waited.add(id(d))
-                    plan.ready.append(d.ready)
-                if id(d) not in mine_dev or id(d) in planned:
-                    continue
-                planned.add(id(d))
+                done.add(id(d))
                 assert h is not None, "a device entry to fill needs a host source"
                 plan.copies.append((d, h))
-            if h is None or id(h) in planned:
-                continue
-            planned.add(id(h))
-            if id(h) in mine_host:
-                plan.reads.append((e, h))
-            else:
-                plan.sources.append(h)
-                if d is None:
-                    plan.ready.append(h.ready)
+            if h is not None and id(h) not in done:
+                done.add(id(h))
+                if id(h) in mine_host:
+                    plan.reads.append((e, h))
+                elif d is not None:
+                    plan.sources.append(h)
         groups.append(plan)
     return LoadJob(model.name, groups, params)

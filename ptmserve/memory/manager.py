@@ -12,104 +12,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 
 import torch
 
 from ptmserve import errors
 from ptmserve.memory.cache import TensorCache, TensorSpec
 from ptmserve.memory.copy import make_copy_engine
+from ptmserve.memory.loaded import LoadedModel
 from ptmserve.memory.loader import LoadJob, ModelRecord, plan_load
 from ptmserve.memory.policy import DEVICE, HOST, EvictionPolicy, LruPolicy
-from ptmserve.memory.records import MemoryEvent, Residency, TierStats, TierUsage
+from ptmserve.memory.records import EventQueue, Listener, MemoryEvent, Residency, TierStats
 from ptmserve.memory.sizes import format_size, parse_size
 from ptmserve.memory.skeleton import Skeleton, SkeletonPool
-from ptmserve.models.config import Pooling
-from ptmserve.models.encoder import GROUP_EMBEDDINGS, GROUP_HEAD, Encoder, EncoderOutput
-from ptmserve.models.packed import PackedBatch
-from ptmserve.store.manifest import ModelManifest, torch_dtype
+from ptmserve.store.manifest import torch_dtype
 from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[MemoryEvent], None]
-
 
 class _NoRoom(Exception):
     """Room could not be made without waiting (prefetch gives up instead of blocking)."""
-
-
-class LoadedModel:
-    """A model acquired for computing; release it (or leave the ``with`` block) when done.
-
-    ``encoder`` is a skeleton bound to this model's device tensors for as long as it is acquired;
-    with pipelining its later groups may still be loading (``run`` waits per group; ``wait`` waits
-    for all).
-    """
-
-    def __init__(self, manager: WeightManager, record: ModelRecord, job: LoadJob, skeleton: Skeleton) -> None:
-        self.name = record.name
-        self.manifest: ModelManifest = record.manifest
-        self.pooling: Pooling = record.pooling  # the model's own pooling, used when run() gets none
-        self._manager = manager
-        self._record = record
-        self._job = job
-        self._skeleton: Skeleton | None = skeleton
-
-    @property
-    def encoder(self) -> Encoder:
-        if self._skeleton is None:
-            raise errors.NotReady(f"model {self.name!r} was released")
-        return self._skeleton.encoder
-
-    def wait(self) -> None:
-        """Block until every tensor is on the device. Raises the load's error if it failed."""
-        self._job.done.wait()
-
-    def run(
-        self, batch: PackedBatch, pooling: Pooling | None = None, *, classify: bool = False
-    ) -> EncoderOutput:
-        """Compute ``batch`` group by group, each as soon as its weights are on the device.
-
-        Returns the same values as ``Encoder.forward`` on a freshly loaded model; logits only when
-        ``classify``.
-
-        Raises:
-            errors.InvalidInput: ``classify`` on a model without a classification head.
-            errors.CorruptData / errors.NotReady: the load of this model failed.
-        """
-        enc = self.encoder
-        if classify and enc.head is None:
-            raise errors.InvalidInput(f"model {self.name!r} has no classification head")
-        job = self._job
-        with torch.inference_mode():
-            job.wait_group(GROUP_EMBEDDINGS)
-            hidden = enc.embed(batch)  # (T, H)
-            for i in range(len(enc.layers)):
-                job.wait_group(f"layers.{i}")
-                hidden = enc.run_layer(i, hidden, batch)
-            logits = None
-            if classify:
-                job.wait_group(GROUP_HEAD)
-                logits = enc.classify(hidden, batch)  # (B, C)
-            embeddings = enc.pool(hidden, batch, pooling or self.pooling)  # (B, H)
-        return EncoderOutput(embeddings=embeddings, logits=logits)
-
-    def release(self) -> None:
-        """End this acquisition; the model becomes evictable when nobody else holds it. Idempotent."""
-        skeleton, self._skeleton = self._skeleton, None
-        if skeleton is not None:
-            self._manager._release(self._record, skeleton)
-
-    def __enter__(self) -> LoadedModel:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
 
 
 class WeightManager:
@@ -127,6 +51,9 @@ class WeightManager:
         wait_timeout: seconds an acquire waits for models in use to be released when it needs room.
         listeners: called with every MemoryEvent (on the thread that caused it; must be quick).
         loader_threads: loads that can run at once.
+        zero_copy: CPU only: compute straight from the host tier. The two tiers are then one (its
+            budget is ``host_budget``; ``device_budget`` is ignored) and models must be stored in the
+            serve dtype.
     """
 
     def __init__(
@@ -143,15 +70,16 @@ class WeightManager:
         wait_timeout: float = 60.0,
         listeners: Sequence[Listener] = (),
         loader_threads: int = 2,
+        zero_copy: bool = False,
     ) -> None:
         self._repo = repo
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
         self.pipelined = pipelined
         self._policy: EvictionPolicy = policy or LruPolicy()
-        self._verify = verify
+        self.verify = verify  # may be changed between loads
         self._wait_timeout = wait_timeout
-        self._listeners = list(listeners)
+        self._events = EventQueue(listeners)  # queued under the lock, delivered outside it
         pinned = self.device.type == "cuda"
         self._host = TensorCache(
             HOST, parse_size(host_budget), lambda s, d: torch.empty(s, dtype=d, pin_memory=pinned)
@@ -159,14 +87,21 @@ class WeightManager:
         self._dev = TensorCache(
             DEVICE, parse_size(device_budget), lambda s, d: torch.empty(s, dtype=d, device=self.device)
         )
+        self.zero_copy = zero_copy
+        if zero_copy:
+            if self.device.type != "cpu":
+                raise errors.InvalidConfig(
+                    f"zero-copy serving needs the cpu device, not {str(self.device)!r}"
+                )
+            self._dev = self._host  # one region: "on the device" means bound straight to host tensors
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
-        self._events: list[MemoryEvent] = []
-        self._delivery = threading.RLock()  # events reach listeners in order, one thread at a time
         self._skeletons = SkeletonPool()
         self._copier = make_copy_engine(self.device)
         self._executor = ThreadPoolExecutor(loader_threads, thread_name_prefix="ptmserve-load")
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="ptmserve-verify")
+        self._closed = False
 
     # ------------------------------------------------------------------------------- public API
 
@@ -197,7 +132,7 @@ class WeightManager:
             self._skeletons.checkin(skeleton)
             raise
         finally:
-            self._flush_events()
+            self._events.deliver()
         loaded = LoadedModel(self, record, job, skeleton)
         if not self.pipelined:
             try:
@@ -223,12 +158,12 @@ class WeightManager:
                 if tier == DEVICE and record.device_job is None:
                     self._start_device_load(record, wait=False)
                 elif tier == HOST and record.host_job is None and not self._on_host(record):
-                    self._start_host_load(record)
+                    self._start_host_load(record, bind=False, wait=False)
             return True
         except _NoRoom:
             return False
         finally:
-            self._flush_events()
+            self._events.deliver()
 
     def evict(self, model: str, *, host: bool = False) -> bool:
         """Drop ``model`` from the device tier (and from the host tier with ``host``).
@@ -248,7 +183,7 @@ class WeightManager:
             if host and self._host.entries_of(model):
                 self._evict(record, HOST)
             self._cond.notify_all()
-        self._flush_events()
+        self._events.deliver()
         return evicted
 
     def residency(self, model: str) -> Residency:
@@ -262,18 +197,42 @@ class WeightManager:
             )
             return Residency(record.device_ready(), self._on_host(record), loading)
 
+    def device_bytes_needed(self, model: str) -> int:
+        """Device bytes a load of ``model`` would add now: its tensors the device tier does not hold
+        (tensors shared with resident models cost nothing). 0 when it is resident or loading."""
+        record = self._record(model)
+        with self._lock:
+            if record.device_job is not None:
+                return 0
+            return sum(s.nbytes for s in record.unique(record.device_specs) if self._dev.get(s.key) is None)
+
+    def check_budget(self, model: str) -> None:
+        """Raise ``errors.BudgetExceeded`` if ``model`` can never fit a tier, even an empty one
+        (for refusing it at startup or import rather than at its first request)."""
+        record = self._record(model)
+        self._check_fits(record, self._dev, sum(s.nbytes for s in record.unique(record.device_specs)))
+        self._check_fits(record, self._host, sum(s.nbytes for s in record.unique(record.host_specs)))
+
+    def trim(self) -> int:
+        """Give every free-listed buffer of both tiers back to the allocator; returns the bytes."""
+        with self._lock:
+            return self._host.trim() + self._dev.trim()
+
     def stats(self) -> TierStats:
         """Accounted bytes and budgets of both tiers, and bytes per model."""
         with self._lock:
-            return TierStats(self._usage(self._host), self._usage(self._dev), self._skeletons.built)
+            return TierStats(self._host.usage(), self._dev.usage(), self._skeletons.built)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener`` with every later MemoryEvent."""
-        self._listeners.append(listener)
+        self._events.listeners.append(listener)
 
     def close(self) -> None:
-        """Wait for loads in flight and stop the loader and copy threads."""
+        """Wait for loads in flight and stop the loader and copy threads; later loads raise NotReady."""
+        with self._lock:
+            self._closed = True
         self._executor.shutdown(wait=True)
+        self._verifier.shutdown(wait=True)
         self._copier.close()
 
     # -------------------------------------------------------------------------------- internals
@@ -281,13 +240,17 @@ class WeightManager:
     def _record(self, model: str) -> ModelRecord:
         manifest = self._repo.manifest(model)  # cached by the repository; re-read when re-imported
         with self._cond:
+            if self._closed:
+                raise errors.NotReady("the weight manager is closed")
             record = self._models.get(model)
             if record is not None and record.manifest is not manifest and not (record.pins or record.jobs):
-                for tier in (DEVICE, HOST):
-                    self._evict(record, tier)
+                if record.device_job is not None:  # re-imported: its old weights are stale
+                    self._evict(record, DEVICE)
+                if self._host.entries_of(model):
+                    self._evict(record, HOST)
                 record = None
             if record is None:
-                record = ModelRecord.from_manifest(manifest, self.dtype)
+                record = ModelRecord.from_manifest(manifest, None if self.zero_copy else self.dtype)
                 self._models[model] = record
             return record
 
@@ -300,6 +263,8 @@ class WeightManager:
     def _start_device_load(self, record: ModelRecord, *, wait: bool) -> LoadJob:
         """Claim the model's bytes in both tiers (evicting, maybe waiting) and start its load.
         Called with the lock held; the lock is only released while waiting for room."""
+        if self.zero_copy:
+            return self._start_host_load(record, bind=True, wait=wait)
         name = record.name
         dspecs = record.unique(record.device_specs)
         self._check_fits(record, self._dev, sum(s.nbytes for s in dspecs))
@@ -326,18 +291,39 @@ class WeightManager:
         self._submit(record, job, DEVICE)
         return job
 
-    def _start_host_load(self, record: ModelRecord) -> None:
+    def _start_host_load(self, record: ModelRecord, *, bind: bool, wait: bool) -> LoadJob:
+        """Claim the model's bytes in the host tier and start reading them; with ``bind`` (zero-copy)
+        the job is the model's device load too. Called with the lock held."""
+        name = record.name
         hspecs = record.unique(record.host_specs)
         self._check_fits(record, self._host, sum(s.nbytes for s in hspecs))
-        added = self._host.retain(record.name, [s.key for s in hspecs])
+        if (
+            bind
+            and self.dtype is not None
+            and any(s.dtype.is_floating_point and s.dtype != self.dtype for s in hspecs)
+        ):
+            raise errors.InvalidConfig(
+                f"zero-copy serving computes in the stored dtype: model {name!r} is stored in "
+                f"{record.manifest.dtype}, the serve dtype is {self.dtype}; re-import it in that dtype"
+            )
+        added: list = []
+        deadline = time.monotonic() + self._wait_timeout
         try:
-            self._make_room(record.name, [], hspecs, time.monotonic(), wait=False)
-            host_entries, host_created = self._host.claim(record.name, hspecs)
+            while True:
+                added += self._host.retain(name, [s.key for s in hspecs])
+                if self._make_room(name, [], hspecs, deadline, wait):
+                    break
+            host_entries, host_created = self._host.claim(name, hspecs)
         except BaseException:
-            self._host.release(record.name, added)
+            self._host.release(name, added)
             raise
-        record.host_job = plan_load(record, host_entries, host_created, None, [])
-        self._submit(record, record.host_job, HOST)
+        job = plan_load(record, host_entries, host_created, None, [])
+        if bind:
+            record.device_job = job
+        else:
+            record.host_job = job
+        self._submit(record, job, DEVICE if bind else HOST)
+        return job
 
     def _check_fits(self, record: ModelRecord, cache: TensorCache, nbytes: int) -> None:
         if nbytes > cache.budget:
@@ -374,11 +360,11 @@ class WeightManager:
         return False
 
     def _victim(self, cache: TensorCache, exclude: str) -> str | None:
-        if cache is self._dev:
-            ready = [m for m in self._models.values() if m.device_ready() and not m.pins]
-        else:
+        if cache is self._host:  # with zero-copy the device tier is this one: pinned models compute from it
             held = [self._models[n] for n in cache.models() if n in self._models]
-            ready = [m for m in held if not m.jobs]
+            ready = [m for m in held if not m.jobs and not (self.zero_copy and m.pins)]
+        else:
+            ready = [m for m in self._models.values() if m.device_ready() and not m.pins]
         candidates = [m.name for m in ready if m.name != exclude]
         victim = self._policy.victim(cache.name, candidates)
         return victim if victim in candidates else None
@@ -386,7 +372,7 @@ class WeightManager:
     def _evict(self, record: ModelRecord, tier: str) -> None:
         cache = self._dev if tier == DEVICE else self._host
         freed = cache.release(record.name)
-        if tier == DEVICE:
+        if tier == DEVICE or self.zero_copy:
             record.device_job = None
         logger.debug("evicted %s from the %s tier (%d bytes freed)", record.name, tier, freed)
         self._events.append(MemoryEvent("evict", record.name, tier, nbytes=freed))
@@ -401,14 +387,14 @@ class WeightManager:
         """Loader thread: execute ``job``, publish its outcome, then tell listeners and waiters
         (in that order, so whoever waits on ``done`` sees the events already delivered)."""
         try:
-            job.execute(self._repo, self._copier, verify=self._verify)
+            job.execute(self._repo, self._copier, self._verifier if self.verify else None)
         except errors.PtmError as exc:
             logger.error("loading model %s failed: %s", record.name, exc.message)
-            with self._cond:
+            with self._cond:  # free the bytes first, so whoever sees the error can reuse them
                 for cache, entries in ((self._host, job.owned_host), (self._dev, job.owned_device)):
                     for entry in entries:
-                        if entry.ready.error is not None:
-                            cache.drop(entry)  # never offer bad bytes to another load
+                        if not entry.ready.is_set() or entry.ready.error is not None:
+                            cache.drop(entry)  # never offer unfilled or bad bytes to another load
                 if tier == DEVICE:
                     self._dev.release(record.name)
                     record.device_job = None
@@ -416,7 +402,8 @@ class WeightManager:
                     self._host.release(record.name)
                 self._finish(record, job, tier)
                 self._events.append(MemoryEvent("load_failed", record.name, tier, error=exc.message))
-            self._flush_events()
+                job.fail(exc)
+            self._events.deliver()
             job.done.fail(exc)
         else:
             seconds = time.perf_counter() - job.started
@@ -426,7 +413,7 @@ class WeightManager:
                     self._events.append(MemoryEvent("load", record.name, HOST, job.bytes_read, seconds))
                 if tier == DEVICE:
                     self._events.append(MemoryEvent("load", record.name, DEVICE, job.bytes_copied, seconds))
-            self._flush_events()
+            self._events.deliver()
             job.done.set()
 
     def _finish(self, record: ModelRecord, job: LoadJob, tier: str) -> None:
@@ -437,26 +424,3 @@ class WeightManager:
 
     def _on_host(self, record: ModelRecord) -> bool:
         return self._host.holds_all(record.name, {s.key for s in record.host_specs.values()})
-
-    def _usage(self, cache: TensorCache) -> TierUsage:
-        return TierUsage(
-            name=cache.name,
-            used_bytes=cache.used_bytes,
-            budget_bytes=cache.budget,
-            free_list_bytes=cache.free_bytes,
-            allocations=cache.allocations,
-            per_model={m: cache.model_bytes(m) for m in cache.models()},
-        )
-
-    def _flush_events(self) -> None:
-        """Deliver queued events; when this returns, every event queued before the call was delivered
-        (by this thread or by the one that was delivering)."""
-        with self._delivery:
-            with self._lock:
-                events, self._events = self._events, []
-            for event in events:
-                for listener in self._listeners:
-                    try:
-                        listener(event)
-                    except Exception:
-                        logger.exception("memory event listener failed on %s", event)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +52,35 @@ class MemoryEvent:
     nbytes: int = 0
     seconds: float = 0.0
     error: str = ""
+
+
+Listener = Callable[[MemoryEvent], None]
+
+
+class EventQueue:
+    """Events queued by whoever holds the manager's lock, delivered to listeners outside it.
+
+    ``deliver`` returns once every event queued before the call has reached every listener (delivered
+    by this thread or by the one that was delivering), in queue order. A failing listener is logged.
+    """
+
+    def __init__(self, listeners: Sequence[Listener] = ()) -> None:
+        self.listeners = list(listeners)
+        self._queued: list[MemoryEvent] = []
+        self._queue_lock = threading.Lock()
+        self._delivery = threading.RLock()  # one deliverer at a time; a listener may trigger more
+
+    def append(self, event: MemoryEvent) -> None:
+        with self._queue_lock:
+            self._queued.append(event)
+
+    def deliver(self) -> None:
+        with self._delivery:
+            with self._queue_lock:
+                events, self._queued = self._queued, []
+            for event in events:
+                for listener in self.listeners:
+                    try:
+                        listener(event)
+                    except Exception:
+                        logger.exception("memory event listener failed on %s", event)

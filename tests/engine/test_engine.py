@@ -15,7 +15,6 @@ import torch
 from ptmserve import errors
 from ptmserve.engine.api import InferenceOptions, ModelKind, ModelState
 from ptmserve.engine.engine import Engine, EngineSettings
-from ptmserve.models.config import EncoderConfig
 from ptmserve.models.encoder import Encoder
 from ptmserve.models.hf import read_checkpoint
 from ptmserve.models.packed import pack
@@ -211,3 +210,12 @@ def test_mixed_classes_over_more_models_than_fit_each_end_in_one_outcome(
     assert outcomes.get("success", 0) > 0
     assert counted["error"] == 0
     assert {k: int(v) for k, v in counted.items() if v} == outcomes
+
+
+def test_a_model_larger_than_the_device_budget_is_refused_at_startup(repo: Repository) -> None:
+    small = min(repo.manifest(n).total_bytes for n in repo.names())
+    with Engine(repo, EngineSettings(dtype="float32", device_memory=small // 2)) as engine:
+        info = engine.model_info("emb")
+        assert info.state is ModelState.UNAVAILABLE and "budget" in info.reason
+        with pytest.raises(errors.NotReady, match="budget"):
+            engine.embed("emb", ["hello"])

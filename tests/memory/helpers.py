@@ -73,7 +73,9 @@ def batch(seed: int = 0) -> PackedBatch:
     return pack(ids, position_offset=0)
 
 
-def reference(config: EncoderConfig, tensors: Mapping[str, torch.Tensor], b: PackedBatch, **kw) -> EncoderOutput:
+def reference(
+    config: EncoderConfig, tensors: Mapping[str, torch.Tensor], b: PackedBatch, **kw
+) -> EncoderOutput:
     """A freshly loaded model's output on ``b``."""
     enc = Encoder.from_tensors(config, tensors, **kw)
     with torch.inference_mode():

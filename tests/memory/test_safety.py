@@ -233,15 +233,13 @@ def test_accounted_bytes_stay_within_budgets_under_random_traffic(repo, make_man
                 name = rng.choice(list(tensors))
                 op = rng.random()
                 if op < 0.7:
-                    assert_same(run(m, name, b0), refs[name])
+                    assert_same(run(m, name, b0, classify=bool(tensors[name][0].labels)), refs[name])
                 elif op < 0.85:
                     m.prefetch(name, tier=rng.choice(["host", "device"]))
                 else:
                     m.evict(name, host=rng.random() < 0.5)
                 watch("step")
         except BaseException as exc:  # noqa: BLE001 - reported below
-            import traceback
-            traceback.print_exc()
             failures.append(exc)
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(3)]
@@ -251,7 +249,18 @@ def test_accounted_bytes_stay_within_budgets_under_random_traffic(repo, make_man
         t.join(120)
     assert not failures, failures
     assert not violations, violations[:3]
+    kinds = [(e.kind, e.tier) for e in m.events]
+    assert kinds.count(("evict", "device")) >= 5 and kinds.count(("load", "device")) > len(tensors)
     m.close()
     check_accounting(m._dev)
     check_accounting(m._host)
     assert m.stats().skeletons_built <= 3 * 3  # at most one per shape per concurrent client
+
+
+def test_a_closed_manager_refuses_new_work(repo, make_manager) -> None:
+    add_model(repo, "m", tiny_config(), seed=1)
+    m = make_manager()
+    run(m, "m", batch())
+    m.close()
+    with pytest.raises(errors.NotReady, match="closed"):
+        m.acquire("m")

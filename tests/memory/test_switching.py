@@ -22,7 +22,9 @@ def test_a_b_a_is_bit_identical_on_every_tier_path(repo, make_manager, pipelined
     b0 = batch()
     ref_a, ref_b = reference(cfg_a, ta, b0), reference(cfg_b, tb, b0)
     # The device holds one of the two at a time; the host holds both.
-    m = make_manager(device_budget=max(size_a, size_b) + 1000, host_budget=size_a + size_b, pipelined=pipelined)
+    m = make_manager(
+        device_budget=max(size_a, size_b) + 1000, host_budget=size_a + size_b, pipelined=pipelined
+    )
 
     assert m.residency("a") == Residency(False, False, False)
     assert_same(run(m, "a", b0, classify=True), ref_a)  # disk
@@ -119,3 +121,30 @@ def test_loaded_model_exposes_a_bound_encoder_until_released(repo, make_manager)
         assert loaded.manifest.name == "m"
         enc = loaded.encoder
     assert enc.layers[1].up.weight.is_meta  # unbound: holds no device memory
+
+
+def test_reimported_model_is_served_with_its_new_weights(repo, make_manager) -> None:
+    cfg = tiny_config()
+    old = add_model(repo, "m", cfg, seed=1)
+    m = make_manager()
+    b0 = batch()
+    assert_same(run(m, "m", b0), reference(cfg, old, b0))
+    new = add_model(repo, "m", cfg, seed=2)  # re-import under the same name
+    assert_same(run(m, "m", b0), reference(cfg, new, b0))
+    assert m.stats().device.per_model == {"m": model_bytes(new)}
+
+
+def test_sizing_helpers_see_shared_tensors(repo, make_manager) -> None:
+    cfg = tiny_config(labels=("x", "y"))
+    base = add_model(repo, "a", cfg, seed=1)
+    head = {k: v for k, v in random_tensors(cfg, 2).items() if k.startswith("head.")}
+    add_model(repo, "b", cfg, tensors={**base, **head})
+    m = make_manager(device_budget=model_bytes(base) + model_bytes(head))
+    assert m.device_bytes_needed("b") == model_bytes(base)
+    run(m, "a", batch())
+    assert m.device_bytes_needed("a") == 0
+    assert m.device_bytes_needed("b") == model_bytes(head)  # only its head is missing
+    m.check_budget("b")
+    m.evict("a")
+    assert m.trim() == model_bytes(base)  # the free list went back to the allocator
+    assert m.stats().device.used_bytes == 0
