@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("ptmserve").info(
         "serving from %s on %s in %s: %s", args.repo, engine.device, dtype, names
     )
+    engine.warm_up()
     serve(engine, server_settings)
     return 0
 

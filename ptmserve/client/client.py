@@ -31,9 +31,16 @@ class Client:
     """
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0, **httpx_kwargs: Any
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        **httpx_kwargs: Any,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs)
+        self._http = httpx.Client(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -92,9 +99,16 @@ class AsyncClient:
     """The asyncio twin of ``Client`` (same methods, awaitable). Use ``async with`` or ``aclose()``."""
 
     def __init__(
-        self, base_url: str = DEFAULT_URL, *, api_key: str | None = None, timeout: float = 60.0, **httpx_kwargs: Any
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        **httpx_kwargs: Any,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs)
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, **httpx_kwargs
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -141,5 +155,3 @@ class AsyncClient:
         except httpx.TransportError:
             return p.Health(live=False, ready=False)
         return p.Health(live=live, ready=ready)
-
-

@@ -112,12 +112,16 @@ def embed_result(resp: codecs.InferResponse) -> EmbedResult:
 def classify_result(resp: codecs.InferResponse) -> ClassifyResult:
     logits = np.asarray(resp.output("LOGITS"), dtype=np.float32)
     labels = [b.decode("utf-8") for b in resp.output("LABEL").ravel()]
-    return ClassifyResult(logits=logits, labels=labels, prompt_tokens=int(resp.parameters.get("prompt_tokens", 0)))
+    return ClassifyResult(
+        logits=logits, labels=labels, prompt_tokens=int(resp.parameters.get("prompt_tokens", 0))
+    )
 
 
 def model_statuses(body: bytes) -> list[ModelStatus]:
     return [
-        ModelStatus(str(m["name"]), str(m.get("version", "")), str(m.get("state", "")), str(m.get("reason", "")))
+        ModelStatus(
+            str(m["name"]), str(m.get("version", "")), str(m.get("state", "")), str(m.get("reason", ""))
+        )
         for m in json.loads(body)
     ]
 

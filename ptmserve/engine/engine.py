@@ -55,8 +55,8 @@ class EngineSettings:
     max_batch_requests: int = 64
     max_batch_tokens: int = 8192
     max_queue: int = 1024  # per model and class; a full queue rejects with Overloaded
-    realtime_timeout_s: float = 1.0  # deadline of a real-time request sent without a timeout
-    batch_timeout_s: float = 60.0  # deadline of a batch request sent without a timeout
+    realtime_timeout_s: float = 10.0  # deadline of a real-time request sent without a timeout
+    batch_timeout_s: float = 300.0  # deadline of a batch request sent without a timeout
     verify: bool = True  # check tensors against their checksum when read from disk
     zero_copy: bool = False  # CPU only: compute straight from the host tier (no separate device copy)
 
@@ -182,6 +182,15 @@ class Engine:
         with self._lock:
             self._loaded.discard(name)
         self._worker.control(lambda: self.weights.evict(name, host=True)).result()
+
+    def warm_up(self) -> None:
+        """Load the first servable model and run one request through it, so that the first client does
+        not pay for the load and the kernels' first-call set-up. Does nothing for an empty repository."""
+        for info in self.models():
+            if info.state is ModelState.READY:
+                self.embed(info.name, ["warm up"], InferenceOptions(priority=2, timeout_us=300_000_000))
+                logger.info("warmed up %s", info.name)
+                return
 
     def ready(self) -> bool:
         return self._accepting

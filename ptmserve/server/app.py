@@ -134,11 +134,15 @@ def _validation_error(exc: RequestValidationError, limit: int = 3) -> InvalidInp
         if field in fields:
             continue
         if field == "input" and err.get("type") != "missing":
-            fields[field] = "input: must be a string, a list of strings, or token ids (list of int or list of lists)"
+            fields[field] = (
+                "input: must be a string, a list of strings, or token ids (list of int or list of lists)"
+            )
         else:
             fields[field] = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
     parts = list(fields.values())
     more = len(parts) - limit
-    out = InvalidInput("invalid request: " + "; ".join(parts[:limit]) + (f" (and {more} more)" if more > 0 else ""))
+    out = InvalidInput(
+        "invalid request: " + "; ".join(parts[:limit]) + (f" (and {more} more)" if more > 0 else "")
+    )
     out.param = next(iter(fields), None)  # type: ignore[attr-defined]  # OpenAI's error "param"
     return out

@@ -14,114 +14,44 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ptmserve.errors import InvalidInput, PayloadTooLarge
+from ptmserve.server.tensors import (
+    DATATYPES,
+    MAX_DIMS,
+    NUMERIC_DTYPES,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    Tensor,
+    bytes_tensor,
+    deserialize_bytes,
+    serialize_bytes,
+)
+
+__all__ = [
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "NUMERIC_DTYPES",
+    "InferRequest",
+    "InferResponse",
+    "RequestedOutput",
+    "Tensor",
+    "bytes_tensor",
+    "decode_infer_request",
+    "decode_infer_response",
+    "decompress",
+    "deserialize_bytes",
+    "encode_infer_request",
+    "encode_infer_response",
+    "serialize_bytes",
+    "split_body",
+]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# KServe datatype -> little-endian numpy dtype. BYTES is held as an object array of ``bytes``.
-NUMERIC_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-DATATYPES = (*NUMERIC_DTYPES, "BYTES")
-_MAX_DIMS = 8
-
-
-@dataclass(slots=True)
-class Tensor:
-    """One named tensor. ``data`` has ``shape``; for BYTES it is an object array of ``bytes``."""
-
-    name: str
-    datatype: str
-    data: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.data.shape)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestedOutput:
-    name: str
-    binary: bool | None = None  # None: follow the request's ``binary_data_output``
-
-
-@dataclass(slots=True)
-class InferRequest:
-    inputs: list[Tensor]
-    outputs: list[RequestedOutput] | None = None  # None: every output of the model
-    id: str | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def binary_default(self) -> bool:
-        return self.parameters.get("binary_data_output") is True
-
-
-@dataclass(slots=True)
-class InferResponse:
-    model_name: str
-    outputs: list[Tensor]
-    model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-    def output(self, name: str) -> np.ndarray:
-        for t in self.outputs:
-            if t.name == name:
-                return t.data
-        raise KeyError(name)
-
-
-# ---------------------------------------------------------------------------------------------- bytes
-
-
-def serialize_bytes(items: np.ndarray | list[bytes]) -> bytes:
-    """BYTES elements in row-major order as (4-byte LE length, bytes) pairs."""
-    flat = items.ravel() if isinstance(items, np.ndarray) else items
-    parts: list[bytes] = []
-    for item in flat:
-        b = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(len(b).to_bytes(4, "little"))
-        parts.append(b)
-    return b"".join(parts)
-
-
-def deserialize_bytes(buf: bytes | memoryview, count: int, name: str) -> np.ndarray:
-    """Exactly ``count`` length-prefixed BYTES elements filling ``buf``; a 1-D object array."""
-    view = memoryview(buf)
-    if count * 4 > len(view):  # every element has a 4-byte length: refuse before allocating
-        raise InvalidInput(f"input {name!r}: {len(view)} bytes cannot hold {count} BYTES elements")
-    out = np.empty(count, dtype=object)
-    pos = 0
-    for i in range(count):
-        if pos + 4 > len(view):
-            raise InvalidInput(f"input {name!r}: binary BYTES data ends inside element {i} of {count}")
-        n = int.from_bytes(view[pos : pos + 4], "little")
-        pos += 4
-        if pos + n > len(view):
-            raise InvalidInput(f"input {name!r}: BYTES element {i} claims {n} bytes past the end of the data")
-        out[i] = bytes(view[pos : pos + n])
-        pos += n
-    if pos != len(view):
-        raise InvalidInput(f"input {name!r}: {len(view) - pos} bytes left over after {count} BYTES elements")
-    return out
-
 
 # --------------------------------------------------------------------------------------------- decode
 
@@ -218,7 +148,9 @@ class _TailReader:
 
     def finish(self) -> None:
         if self.pos != len(self.tail):
-            raise InvalidInput(f"{len(self.tail) - self.pos} bytes of binary data are not claimed by any tensor")
+            raise InvalidInput(
+                f"{len(self.tail) - self.pos} bytes of binary data are not claimed by any tensor"
+            )
 
 
 def _decode_tensor(raw: Any, reader: _TailReader, what: str) -> Tensor:
@@ -248,8 +180,10 @@ def _decode_tensor(raw: Any, reader: _TailReader, what: str) -> Tensor:
 
 
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(raw, list) or len(raw) > _MAX_DIMS or not all(_is_int(d) and d >= 0 for d in raw):
-        raise InvalidInput(f"tensor {name!r}: shape must be a list of at most {_MAX_DIMS} non-negative integers")
+    if not isinstance(raw, list) or len(raw) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in raw):
+        raise InvalidInput(
+            f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative integers"
+        )
     return tuple(raw)
 
 
@@ -301,8 +235,8 @@ def _flatten(data: Any, name: str) -> list[Any]:
         if item is _END:
             stack.pop()
         elif isinstance(item, list):
-            if len(stack) >= _MAX_DIMS:
-                raise InvalidInput(f"tensor {name!r}: data is nested deeper than {_MAX_DIMS} levels")
+            if len(stack) >= MAX_DIMS:
+                raise InvalidInput(f"tensor {name!r}: data is nested deeper than {MAX_DIMS} levels")
             stack.append(iter(item))
         else:
             out.append(item)
@@ -375,7 +309,9 @@ def encode_tensor(t: Tensor, binary: bool) -> tuple[dict[str, Any], bytes | None
         head["parameters"] = {"binary_data_size": len(raw)}
         return head, raw
     if t.datatype == "BYTES":
-        head["data"] = [b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b for b in t.data.ravel()]
+        head["data"] = [
+            b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b for b in t.data.ravel()
+        ]
     else:
         head["data"] = t.data.ravel().tolist()
     return head, None
@@ -428,11 +364,3 @@ def encode_infer_request(req: InferRequest, binary_inputs: bool = True) -> tuple
             for o in req.outputs
         ]
     return encode_body(header, chunks)
-
-
-def bytes_tensor(name: str, items: list[str] | list[bytes]) -> Tensor:
-    """A 1-D BYTES tensor from strings (UTF-8 encoded) or bytes."""
-    arr = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        arr[i] = x.encode() if isinstance(x, str) else bytes(x)
-    return Tensor(name=name, datatype="BYTES", data=arr)

@@ -217,7 +217,9 @@ class KServeRoutes:
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be a JSON object")
         if any(k == "config" or k.startswith("file:") for k in params):
-            raise InvalidInput("loading with a new config or files is not supported; import the model instead")
+            raise InvalidInput(
+                "loading with a new config or files is not supported; import the model instead"
+            )
         await self.plane.load(model)
         return json_response({})
 
@@ -250,7 +252,9 @@ def model_inputs(req: codecs.InferRequest) -> Inputs:
     by_name = {t.name: t for t in req.inputs}
     unknown = sorted(set(by_name) - set(_INPUTS))
     if unknown:
-        raise InvalidInput(f"unknown input(s) {unknown}; this model takes TEXT or INPUT_IDS (+ ATTENTION_MASK)")
+        raise InvalidInput(
+            f"unknown input(s) {unknown}; this model takes TEXT or INPUT_IDS (+ ATTENTION_MASK)"
+        )
     if ("TEXT" in by_name) == ("INPUT_IDS" in by_name):
         raise InvalidInput("give exactly one of the inputs TEXT and INPUT_IDS")
     if "TEXT" in by_name:
@@ -281,7 +285,9 @@ def _token_ids(ids: codecs.Tensor, mask: codecs.Tensor | None) -> list[list[int]
         return ids.data.tolist()
     _expect(mask, "INT64")
     if mask.shape != ids.shape:
-        raise InvalidInput(f"ATTENTION_MASK shape {list(mask.shape)} differs from INPUT_IDS {list(ids.shape)}")
+        raise InvalidInput(
+            f"ATTENTION_MASK shape {list(mask.shape)} differs from INPUT_IDS {list(ids.shape)}"
+        )
     if not np.isin(mask.data, (0, 1)).all():
         raise InvalidInput("ATTENTION_MASK values must be 0 (padding) or 1 (token)")
     return [row[m == 1].tolist() for row, m in zip(ids.data, mask.data, strict=True)]

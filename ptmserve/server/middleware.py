@@ -25,6 +25,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+# Label values come from this set only, so clients cannot grow the metrics without bound.
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -51,6 +53,21 @@ class HttpMetrics:
         )
 
 
+_FORM = b"application/x-www-form-urlencoded"
+
+
+def _json_by_default(scope: Scope) -> Scope:
+    """Read a POST body labelled as a form, or not labelled, as JSON: ``curl -d '{...}'`` (the README's
+    example) sends JSON with a form content type. Binary KServe bodies carry their own type and pass."""
+    if scope["method"] != "POST":
+        return scope
+    headers = scope["headers"]
+    kept = [(n, v) for n, v in headers if n != b"content-type" or not v.startswith(_FORM)]
+    if len(kept) == len(headers) and any(n == b"content-type" for n, _ in headers):
+        return scope
+    return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+
+
 class Guard:
     """Auth, body limit, error safety net and HTTP metrics around the FastAPI app."""
 
@@ -74,6 +91,7 @@ class Guard:
             await send(message)
 
         path = scope["path"]
+        scope = _json_by_default(scope)
         self.metrics.in_flight.inc()
         try:
             self._authorize(scope)
@@ -89,7 +107,8 @@ class Guard:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(template, scope["method"], str(state["status"])).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            self.metrics.requests.labels(template, method, str(state["status"])).inc()
             self.metrics.seconds.labels(template).observe(time.perf_counter() - start)
 
     def _authorize(self, scope: Scope) -> None:

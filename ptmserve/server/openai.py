@@ -3,6 +3,8 @@
 ``input`` is a string, a list of strings, one token id list, or a list of token id lists.
 ``encoding_format`` ``base64`` returns each embedding as base64 of little-endian float32 bytes (what the
 ``openai`` client decodes; it asks for base64 by default). ``dimensions`` must equal the model's width.
+Extensions (send them with the openai client's ``extra_body``): ``priority`` and ``timeout`` (µs), with the
+meaning of KServe's schedule policy parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
+    priority: StrictInt = Field(default=0, ge=0)  # ptmserve extension: Triton's priority
+    timeout: StrictInt | None = Field(default=None, ge=0)  # ptmserve extension: deadline in µs
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -64,7 +68,8 @@ class OpenAIRoutes:
             raise InvalidInput(
                 f"dimensions={body.dimensions} is not supported: model {info.name!r} returns {info.dim}"
             )
-        result = await self.plane.embed(info, _inputs(body.input), self.plane.options(), request.receive)
+        options = self.plane.options(priority=body.priority, timeout_us=body.timeout)
+        result = await self.plane.embed(info, _inputs(body.input), options, request.receive)
         emb = np.asarray(result.embeddings, dtype="<f4")
         if body.encoding_format == "base64":
             vectors: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in emb]

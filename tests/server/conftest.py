@@ -12,8 +12,8 @@ import contextlib
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,9 @@ def fake_engine() -> FakeEngine:
 
 @pytest.fixture(scope="module")
 def fake_url(fake_engine: FakeEngine) -> Iterator[str]:
-    with running_server(fake_engine, max_batch_inputs=16, max_body_bytes=64 * 1024, max_input_length=1000) as url:
+    with running_server(
+        fake_engine, max_batch_inputs=16, max_body_bytes=64 * 1024, max_input_length=1000
+    ) as url:
         yield url
 
 
@@ -87,8 +89,7 @@ def fake_url(fake_engine: FakeEngine) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with ``tiny-emb`` and ``tiny-cls`` imported from tiny random checkpoints."""
-    importer = pytest.importorskip("ptmserve.store.importer")
-    repository = pytest.importorskip("ptmserve.store.repository")
+    from ptmserve.store import importer, repository
     from tests.models.tiny import make_tiny_checkpoint
 
     src = tmp_path_factory.mktemp("ckpt")
@@ -102,8 +103,9 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def open_engine(repo: Path, **kwargs: Any) -> Any:
-    engine_mod = pytest.importorskip("ptmserve.engine.engine")
-    return engine_mod.Engine.open(repo, device="cpu", dtype="float32", **kwargs)
+    from ptmserve.engine.engine import Engine
+
+    return Engine.open(repo, device="cpu", dtype="float32", **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,9 @@ class FakeEngine:
         self._loaded = {"emb", "cls"} if not self.explicit else set()
         self._infos = {
             "emb": ModelInfo("emb", ModelKind.EMBEDDING, DIM, (), 16, 100, "float32", 1000, ModelState.READY),
-            "cls": ModelInfo("cls", ModelKind.CLASSIFIER, DIM, LABELS, 16, 100, "float32", 1200, ModelState.READY),
+            "cls": ModelInfo(
+                "cls", ModelKind.CLASSIFIER, DIM, LABELS, 16, 100, "float32", 1200, ModelState.READY
+            ),
         }
 
     # -------------------------------------------------------------------------------- models

@@ -15,7 +15,9 @@ from ptmserve.server.errors import ERROR_TABLE, INTERNAL, error_body, kind_of, s
 
 
 def _request(inputs: list[codecs.Tensor], binary: bool) -> codecs.InferRequest:
-    req = codecs.InferRequest(inputs=inputs, outputs=[codecs.RequestedOutput("EMBEDDING", binary=True)], id="r1")
+    req = codecs.InferRequest(
+        inputs=inputs, outputs=[codecs.RequestedOutput("EMBEDDING", binary=True)], id="r1"
+    )
     body, hlen = codecs.encode_infer_request(req, binary_inputs=binary)
     return codecs.decode_infer_request(body, hlen)
 
@@ -73,18 +75,32 @@ BAD_BODIES = [
     (_body({"inputs": []}), None, "non-empty list"),
     (_body({"inputs": [{"name": "T", "datatype": "STRING", "shape": [1], "data": ["a"]}]}), None, "datatype"),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [2], "data": [1]}]}), None, "shape of 2"),
-    (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1.5]}]}), None, "match datatype"),
+    (
+        _body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1.5]}]}),
+        None,
+        "match datatype",
+    ),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [True]}]}), None, "match"),
-    (_body({"inputs": [{"name": "T", "datatype": "INT8", "shape": [1], "data": [300]}]}), None, "out of range"),
+    (
+        _body({"inputs": [{"name": "T", "datatype": "INT8", "shape": [1], "data": [300]}]}),
+        None,
+        "out of range",
+    ),
     (_body({"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": [3]}]}), None, "strings"),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [-1], "data": [1]}]}), None, "shape"),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": "1", "data": [1]}]}), None, "shape"),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1]}]}), None, "no 'data'"),
     (_body({"inputs": [{"datatype": "INT64", "shape": [1], "data": [1]}]}), None, "'name'"),
     (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1]}] * 2}), None, "unique"),
-    (_body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1]}], "id": 3}), None, "'id'"),
     (
-        _body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1]}], "outputs": [{"x": 1}]}),
+        _body({"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1]}], "id": 3}),
+        None,
+        "'id'",
+    ),
+    (
+        _body(
+            {"inputs": [{"name": "T", "datatype": "INT64", "shape": [1], "data": [1]}], "outputs": [{"x": 1}]}
+        ),
         None,
         "requested output",
     ),
@@ -107,13 +123,41 @@ def _binary_body(tensor: dict, tail: bytes) -> tuple[bytes, int]:
 @pytest.mark.parametrize(
     ("tensor", "tail", "words"),
     [
-        ({"name": "T", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 8}}, b"\0" * 8, "16"),
-        ({"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}, b"\0" * 4, "remain"),
-        ({"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}}, b"\0" * 9, "claimed"),
-        ({"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}}, b"\x09\0\0\0a", "past"),
-        ({"name": "T", "datatype": "BYTES", "shape": [10**12], "parameters": {"binary_data_size": 0}}, b"", "hold"),
-        ({"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}, b"\1\0\0\0ab", "left"),
-        ({"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": -1}}, b"", "negative"),
+        (
+            {"name": "T", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 8}},
+            b"\0" * 8,
+            "16",
+        ),
+        (
+            {"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
+            b"\0" * 4,
+            "remain",
+        ),
+        (
+            {"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": 8}},
+            b"\0" * 9,
+            "claimed",
+        ),
+        (
+            {"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5}},
+            b"\x09\0\0\0a",
+            "past",
+        ),
+        (
+            {"name": "T", "datatype": "BYTES", "shape": [10**12], "parameters": {"binary_data_size": 0}},
+            b"",
+            "hold",
+        ),
+        (
+            {"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}},
+            b"\1\0\0\0ab",
+            "left",
+        ),
+        (
+            {"name": "T", "datatype": "INT64", "shape": [1], "parameters": {"binary_data_size": -1}},
+            b"",
+            "negative",
+        ),
     ],
 )
 def test_bad_binary_data_raises_invalid_input(tensor: dict, tail: bytes, words: str) -> None:
@@ -157,5 +201,10 @@ def test_error_bodies_per_protocol() -> None:
     assert json.loads(error_body(kind, "no model 'x'", "/v2/models/x/infer")) == {"error": "no model 'x'"}
     body = json.loads(error_body(kind, "no model 'x'", "/v1/embeddings", param="model"))
     assert body == {
-        "error": {"message": "no model 'x'", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+        "error": {
+            "message": "no model 'x'",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
     }

@@ -73,7 +73,9 @@ def test_openai_bad_input_gets_clear_4xx(http: httpx.Client, body: dict, status:
 
 
 def test_openai_malformed_json_is_400(http: httpx.Client) -> None:
-    r = http.post("/v1/embeddings", content=b'{"model": "emb", "input": ', headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/embeddings", content=b'{"model": "emb", "input": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -86,21 +88,55 @@ def test_openai_dimensions_equal_to_width_is_accepted(http: httpx.Client) -> Non
 @pytest.mark.parametrize(
     ("model", "body", "status", "words"),
     [
-        ("emb", {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400, "BYTES"),
-        ("emb", {"inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [1]}]}, 400, "INT64"),
-        ("emb", {"inputs": [{"name": "INPUT_IDS", "datatype": "INT64", "shape": [2], "data": [1, 2]}]}, 400, "[N, L]"),
-        ("emb", {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400, "unknown"),
+        (
+            "emb",
+            {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            400,
+            "BYTES",
+        ),
+        (
+            "emb",
+            {"inputs": [{"name": "INPUT_IDS", "datatype": "INT32", "shape": [1, 1], "data": [1]}]},
+            400,
+            "INT64",
+        ),
+        (
+            "emb",
+            {"inputs": [{"name": "INPUT_IDS", "datatype": "INT64", "shape": [2], "data": [1, 2]}]},
+            400,
+            "[N, L]",
+        ),
+        (
+            "emb",
+            {"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            400,
+            "unknown",
+        ),
         ("emb", {**_text_infer(["a"]), "outputs": [{"name": "LOGITS"}]}, 400, "no output 'LOGITS'"),
         ("emb", {**_text_infer(["a"]), "parameters": {"timeout": -1}}, 400, "timeout"),
         ("emb", {**_text_infer(["a"]), "parameters": {"priority": "high"}}, 400, "priority"),
         ("emb", _text_infer([]), 400, "non-empty list"),
-        ("emb", _text_infer(["x" * 10]) | {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2, 2], "data": ["a"] * 4}]}, 400, "[N, 1]"),
+        (
+            "emb",
+            _text_infer(["x" * 10])
+            | {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2, 2], "data": ["a"] * 4}]},
+            400,
+            "[N, 1]",
+        ),
         ("nope", _text_infer(["a"]), 404, "nope"),
         ("emb", _text_infer(["a"] * 17), 413, "limit"),
-        ("emb", _text_infer(["a"]) | {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["y" * 1001]}]}, 413, "1001 characters"),
+        (
+            "emb",
+            _text_infer(["a"])
+            | {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["y" * 1001]}]},
+            413,
+            "1001 characters",
+        ),
     ],
 )
-def test_kserve_bad_input_gets_clear_4xx(http: httpx.Client, model: str, body: dict, status: int, words: str) -> None:
+def test_kserve_bad_input_gets_clear_4xx(
+    http: httpx.Client, model: str, body: dict, status: int, words: str
+) -> None:
     r = http.post(f"/v2/models/{model}/infer", json=body)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
@@ -202,7 +238,10 @@ def test_overload_gives_429_not_unbounded_queueing() -> None:
 
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=20) as c:
-                first = [asyncio.create_task(c.post("/v1/embeddings", json={"model": "emb", "input": f"x{i}"})) for i in range(2)]
+                first = [
+                    asyncio.create_task(c.post("/v1/embeddings", json={"model": "emb", "input": f"x{i}"}))
+                    for i in range(2)
+                ]
                 await asyncio.to_thread(_wait_for, lambda: engine.in_flight == 2)
                 more = [await c.post("/v1/embeddings", json={"model": "emb", "input": "y"}) for _ in range(3)]
                 engine.hold = False
@@ -216,7 +255,8 @@ def _raw_post(url: str, path: str, body: dict) -> socket.socket:
     u = urlparse(url)
     payload = json.dumps(body).encode()
     sock = socket.create_connection((u.hostname, u.port))
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(payload)}\r\n\r\n"
     sock.sendall(head.encode() + payload)
     return sock
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-httpclient = pytest.importorskip("tritonclient.http")
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tests.models.tiny import TINY_TEXTS  # noqa: E402
@@ -97,12 +96,23 @@ def test_infer_token_ids_with_attention_mask(triton: Any, real_engine: Any) -> N
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    inputs = [httpclient.InferInput("INPUT_IDS", [2, 5], "INT64"), httpclient.InferInput("ATTENTION_MASK", [2, 5], "INT64")]
+    inputs = [
+        httpclient.InferInput("INPUT_IDS", [2, 5], "INT64"),
+        httpclient.InferInput("ATTENTION_MASK", [2, 5], "INT64"),
+    ]
     inputs[0].set_data_from_numpy(ids)
     inputs[1].set_data_from_numpy(mask, binary_data=False)
-    result = triton.infer(CLS, inputs, outputs=[httpclient.InferRequestedOutput("EMBEDDING"), httpclient.InferRequestedOutput("LOGITS")])
-    np.testing.assert_allclose(result.as_numpy("EMBEDDING"), real_engine.embed(CLS, rows).embeddings, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result.as_numpy("LOGITS"), real_engine.classify(CLS, rows).logits, rtol=1e-5, atol=1e-6)
+    result = triton.infer(
+        CLS,
+        inputs,
+        outputs=[httpclient.InferRequestedOutput("EMBEDDING"), httpclient.InferRequestedOutput("LOGITS")],
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("EMBEDDING"), real_engine.embed(CLS, rows).embeddings, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("LOGITS"), real_engine.classify(CLS, rows).logits, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_priority_and_timeout(triton: Any, real_engine: Any) -> None:
