@@ -140,7 +140,7 @@ class EncoderConfig:
                     max_position_embeddings=int(config_json["max_position_embeddings"]),
                     type_vocab_size=0,
                     layer_norm_eps=1e-12,  # hard-coded in HF's DistilBERT
-                    pad_token_id=int(config_json.get("pad_token_id") or 0),
+                    pad_token_id=_pad_id(config_json, default=0),
                     hidden_act=str(config_json.get("activation", "gelu")),
                     labels=labels,
                 )
@@ -154,12 +154,17 @@ class EncoderConfig:
                 max_position_embeddings=int(config_json["max_position_embeddings"]),
                 type_vocab_size=int(config_json.get("type_vocab_size", 2)),
                 layer_norm_eps=float(config_json.get("layer_norm_eps", 1e-12)),
-                pad_token_id=int(config_json.get("pad_token_id") or (1 if family == "roberta" else 0)),
+                pad_token_id=_pad_id(config_json, default=1 if family == "roberta" else 0),
                 hidden_act=str(config_json.get("hidden_act", "gelu")),
                 labels=labels,
             )
         except KeyError as exc:
             raise InvalidCheckpoint(f"config.json of a {model_type} model lacks {exc.args[0]!r}") from exc
+
+
+def _pad_id(config_json: dict[str, Any], default: int) -> int:
+    value = config_json.get("pad_token_id")
+    return default if value is None else int(value)
 
 
 def _architecture(config_json: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ time. Callers wrap calls in ``torch.inference_mode()``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +97,7 @@ class Head(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
 
-def _activation(name: str):  # noqa: ANN202 - a torch function
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "gelu":
         return F.gelu
     if name == "relu":
@@ -154,8 +154,8 @@ class Encoder(nn.Module):
         q = layer.q(hidden).view(t, cfg.num_heads, cfg.head_dim)  # (T, nh, d)
         k = layer.k(hidden).view(t, cfg.num_heads, cfg.head_dim)
         v = layer.v(hidden).view(t, cfg.num_heads, cfg.head_dim)
-        ctx = packed_attention(q, k, v, batch)  # (T, nh, d)
-        x = layer.attn_norm(hidden + layer.o(ctx.view(t, cfg.hidden_size)))  # (T, H)
+        ctx = packed_attention(q, k, v, batch)  # (T, H)
+        x = layer.attn_norm(hidden + layer.o(ctx))  # (T, H)
         return layer.ffn_norm(x + layer.down(self._act(layer.up(x))))
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch, pooling: Pooling) -> torch.Tensor:
@@ -189,23 +189,34 @@ class Encoder(nn.Module):
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Bidirectional attention of each sequence over its own tokens; ``q, k, v`` and the result are
-    ``(T, nh, d)``.
+    """Bidirectional attention of each sequence over its own tokens: ``q, k, v`` are ``(T, nh, d)``,
+    the result is ``(T, nh * d)``.
 
-    Two batched matmuls per sequence on strided views (no padding, no mask), softmax in float32.
-    Measured on CPU this beats one SDPA call per sequence and length-bucketed padded SDPA for
-    BERT-base shapes in both float32 and bfloat16 (see docs/bench/encoder.md).
+    On CUDA in half precision: one variable-length flash-attention call (no padding at all). Elsewhere:
+    sequences sorted by length into up to ``MAX_BUCKETS`` buckets (one gather for all of them), each
+    padded to its longest member and run as one masked SDPA call (float32 softmax inside); the mask
+    makes it exact, and the padding only touches attention, never the linears. Measured on CPU this
+    beats one SDPA call per sequence (per-call cost) and one padded call for all (quadratic padding
+    waste); docs/bench/encoder.md lists the options measured.
     """
-    scale = q.shape[-1] ** -0.5
-    out = torch.empty_like(q)  # (T, nh, d)
-    for start, end in batch.spans():
-        qs = q[start:end].transpose(0, 1)  # (nh, L, d)
-        kt = k[start:end].permute(1, 2, 0)  # (nh, d, L)
-        vs = v[start:end].transpose(0, 1)  # (nh, L, d)
-        scores = torch.bmm(qs, kt)  # (nh, L, L)
-        probs = torch.softmax(scores.mul_(scale), dim=-1, dtype=torch.float32).to(q.dtype)
-        out[start:end] = torch.bmm(probs, vs).transpose(0, 1)
-    return out
+    t, nh, d = q.shape
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):  # pragma: no cover - no GPU
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu = batch.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, batch.max_seqlen, batch.max_seqlen).reshape(t, nh * d)
+    if batch.num_seqs == 1:
+        qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))  # (nh, T, d)
+        return F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1).reshape(t, nh * d)
+    plan = batch.attention_plan()
+    qp, kp, vp = (x.index_select(0, plan.gather) for x in (q, k, v))  # (S, nh, d) padded slots
+    outs = []
+    for b, mask in zip(plan.buckets, plan.additive_masks(q.dtype), strict=True):
+        n, w = len(b.members), b.width
+        qb, kb, vb = (x[b.offset : b.offset + n * w].view(n, w, nh, d).transpose(1, 2) for x in (qp, kp, vp))
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (n, nh, W, d)
+        outs.append(o.transpose(1, 2).reshape(n * w, nh * d))  # (n * W, H)
+    return torch.cat(outs).index_select(0, plan.unpad)  # (T, H)
 
 
 def check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
