@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The results as a Markdown table (also used in docs/bench/encoder.md)."""
+    """The results as a Markdown table (also used in docs/benchmarks.md)."""
     lines = [
         "| model | dtype | ours tok/s | HF tok/s | ours/HF (median) | ours/HF (best) | ours GFLOP/s "
         "| peak GFLOP/s | share of peak | HF attn | 1 - min cos |",

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The results as Markdown tables (also used in docs/bench/switch.md)."""
+    """The results as Markdown tables (also used in docs/benchmarks.md)."""
     lines = [
         f"Best of {result['runs']} runs. Switch to the first result of a 1 x 16-token request "
         "(overhead = switch - resident compute):",

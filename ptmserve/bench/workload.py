@@ -1,6 +1,6 @@
 """The standard multi-model trace: seeded, documented, the same for every policy and for sim and real runs.
 
-What it models (docs/bench/trace.md gives the numbers):
+What it models (docs/benchmarks.md gives the numbers):
 
 - ``models`` models whose popularity follows Zipf's law: model ``i`` (0-based rank) gets a share
   proportional to ``1 / (i + 1) ** zipf_s`` of the background traffic.

@@ -88,7 +88,7 @@ class DeviceProfile:
 
 
 # Profiles the benchmarks use. "cpu-2core" is provisional: HF BertModel runs of the real all-MiniLM-L6-v2
-# (fp32) and copies of its 91 MB on the shared 2-core development machine, noisy (docs/bench/trace.md);
+# (fp32) and copies of its 91 MB on the shared 2-core development machine, noisy (docs/benchmarks.md);
 # "gpu-pcie4" is a datasheet-level accelerator: PCIe 4.0 x16 pinned copies, ~40 TFLOP/s sustained bf16.
 PROFILES: dict[str, DeviceProfile] = {
     "cpu-2core": DeviceProfile(

@@ -22,7 +22,7 @@ from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import Outcome, Request
 from ptmserve.engine.scheduler import Scheduler, Step
-from ptmserve.errors import DeadlineExceeded, PtmError
+from ptmserve.errors import DeadlineExceeded, InvalidInput, Overloaded, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.records import MemoryEvent
 from ptmserve.models.packed import pack
@@ -98,6 +98,7 @@ class Worker:
         self._device = device
         self._inbox: queue.SimpleQueue[Request | _Control | _LoadDone | _Stop] = queue.SimpleQueue()
         self._busy: set[str] = set()
+        self._published: dict[str, set[str]] = {}  # tier -> models whose resident bytes /metrics shows
         self._stopping = False
         weights.add_listener(self._on_memory_event)
         self._thread = threading.Thread(target=self._loop, name="ptmserve-worker", daemon=True)
@@ -166,12 +167,15 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 message.future.set_exception(exc)
         else:
-            self._scheduler.register(message.model, self._catalog.device_bytes(message.model))
             try:
+                self._scheduler.register(message.model, self._catalog.device_bytes(message.model))
                 self._scheduler.submit(message)
-            except PtmError as exc:
-                outcome = Outcome.TIMEOUT if isinstance(exc, DeadlineExceeded) else Outcome.REJECTED
-                self._fail(message, exc, outcome)
+            except DeadlineExceeded as exc:
+                self._fail(message, exc, Outcome.TIMEOUT)
+            except (Overloaded, InvalidInput) as exc:
+                self._fail(message, exc, Outcome.REJECTED)
+            except PtmError as exc:  # e.g. the model was removed from the repository meanwhile
+                self._fail(message, exc, Outcome.ERROR)
 
     def _run(self, step: Step) -> None:
         for r in step.expired:
@@ -219,6 +223,7 @@ class Worker:
             return
         finally:
             self._busy.discard(model)
+        self._publish_tiers()
         self._metrics.compute_seconds.labels(model).observe(seconds)
         self._metrics.batch_size.labels(model).observe(len(batch))
         self._metrics.batch_tokens.labels(model).inc(step.tokens)
@@ -246,6 +251,18 @@ class Worker:
                 result = EmbedResult(embeddings[rows], r.tokens)
             work.future.set_result(result)
             self._metrics.requests.labels(r.model, Outcome.SUCCESS.value).inc()
+
+    def _publish_tiers(self) -> None:
+        """Resident bytes per tier and per model, for ``/metrics``."""
+        stats = self._weights.stats()
+        for tier in (stats.host, stats.device):
+            self._metrics.resident_bytes.labels(tier.name).set(tier.used_bytes)
+            gone = self._published.get(tier.name, set()) - set(tier.per_model)
+            for model in gone:
+                self._metrics.model_resident_bytes.labels(model, tier.name).set(0)
+            for model, nbytes in tier.per_model.items():
+                self._metrics.model_resident_bytes.labels(model, tier.name).set(nbytes)
+            self._published[tier.name] = set(tier.per_model)
 
     def _start_prefetch(self, models: list[str]) -> None:
         for m in models:

@@ -197,7 +197,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
     padded to its longest member and run as one masked SDPA call (float32 softmax inside); the mask
     makes it exact, and the padding only touches attention, never the linears. Measured on CPU this
     beats one SDPA call per sequence (per-call cost) and one padded call for all (quadratic padding
-    waste); docs/bench/encoder.md lists the options measured.
+    waste); docs/benchmarks.md lists the options measured.
     """
     t, nh, d = q.shape
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):  # pragma: no cover - no GPU

@@ -99,7 +99,7 @@ class AttentionPlan:
 
 MAX_BUCKETS = 8
 """Attention buckets per batch: sequences sorted by length, equal counts per bucket. Measured on 2 CPU
-cores with BERT-base heads and 64 lengths uniform in 8..256 (docs/bench/encoder.md): padding all to the
+cores with BERT-base heads and 64 lengths uniform in 8..256 (docs/benchmarks.md): padding all to the
 longest wastes ~2x attention FLOPs; one call per sequence pays SDPA's per-call cost 64 times per layer,
 which hurts most when other processes share the cores; 4..16 buckets sit between."""
 

@@ -205,7 +205,9 @@ def test_mixed_classes_over_more_models_than_fit_each_end_in_one_outcome(
             key: sum(engine.metrics.requests.labels(n, key)._value.get() for n in names)
             for key in ("success", "timeout", "rejected", "error")
         }
-        assert engine.weights.stats().device.used_bytes <= 2 * one_model + 1024
+        device = engine.weights.stats().device
+        assert device.used_bytes <= 2 * one_model + 1024
+        assert 0 < engine.metrics.resident_bytes.labels("device")._value.get() <= 2 * one_model + 1024
     assert sum(outcomes.values()) == 200
     assert outcomes.get("success", 0) > 0
     assert counted["error"] == 0
