@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ptmserve.engine.api import ModelInfo, ModelKind, ModelState
 from ptmserve.errors import InvalidInput
 from ptmserve.models.config import EncoderConfig
-from ptmserve.models.tokenizer import TextTokenizer
+from ptmserve.models.tokenizer import TextTokenizer, check_ids
 from ptmserve.store.manifest import ModelManifest
 from ptmserve.store.repository import Repository
 
@@ -101,31 +101,18 @@ class ModelCatalog:
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
             raise InvalidInput("input must be a non-empty list of texts or of token-id lists")
         e = self.entry(name)
+        limit = None if self._truncate else e.max_tokens  # refuse, rather than truncate, longer inputs
         if all(isinstance(x, str) for x in inputs):
             for i, text in enumerate(inputs):
                 if not text:
                     raise InvalidInput(f"input[{i}] is an empty string")
             ids = e.tokenizer.encode(list(inputs))  # type: ignore[arg-type]
-        else:
-            ids = [self._check_ids(i, x, e.config.vocab_size) for i, x in enumerate(inputs)]
-        if self._truncate:
-            return [x[: e.max_tokens] for x in ids]
-        self._check_lengths(ids, e.max_tokens)
-        return ids
-
-    @staticmethod
-    def _check_ids(i: int, ids: object, vocab_size: int) -> list[int]:
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
-            raise InvalidInput(f"input[{i}] must be a non-empty text or a non-empty list of token ids")
-        out = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                raise InvalidInput(f"input[{i}] holds {t!r}, not a token id in [0, {vocab_size})")
-            out.append(t)
-        return out
-
-    @staticmethod
-    def _check_lengths(ids: list[list[int]], max_tokens: int) -> None:
-        for i, x in enumerate(ids):
-            if len(x) > max_tokens:
-                raise InvalidInput(f"input[{i}] has {len(x)} tokens; the model accepts at most {max_tokens}")
+            if limit is not None:
+                check_ids(ids, e.config.vocab_size, limit)
+            return ids
+        for i, x in enumerate(inputs):
+            if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+                raise InvalidInput(f"input[{i}] must be a text or a list of token ids, like the others")
+        ids = [list(x) for x in inputs]  # type: ignore[arg-type]
+        check_ids(ids, e.config.vocab_size, limit)
+        return ids if limit is not None else [x[: e.max_tokens] for x in ids]

@@ -104,7 +104,7 @@ def test_token_ids_are_used_as_given(engine: Engine) -> None:
     [
         ([], "non-empty list"),
         ([""], "empty string"),
-        ([[]], "non-empty"),
+        ([[]], "no tokens"),
         ([[1, 10**9]], "token id"),
         ([1.5], "token"),
     ],
