@@ -27,6 +27,16 @@ from tests.server.fake_engine import FakeEngine
 EMB, CLS = "tiny-emb", "tiny-cls"
 
 
+def wait_for(cond: Any, seconds: float = 20.0) -> bool:
+    """Poll ``cond`` until it holds or ``seconds`` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())
+
+
 def free_socket() -> socket.socket:
     """A listening-ready TCP socket bound to a free port on 127.0.0.1."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -19,16 +18,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.server.conftest import EMB, open_engine, running_server
-
-
-def _wait_for(cond: Any, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.server.conftest import EMB, open_engine, running_server, wait_for
 
 
 @contextlib.contextmanager
@@ -82,7 +72,7 @@ def test_overload_gives_429_rather_than_unbounded_queueing(small_queue: tuple[An
                     )
                     for i in range(n)
                 ]
-                assert await asyncio.to_thread(_wait_for, lambda: _inbox(engine) >= n)
+                assert await asyncio.to_thread(wait_for, lambda: _inbox(engine) >= n)
             return sorted([(await t).status_code for t in tasks])
 
     codes = asyncio.run(burst())
@@ -105,10 +95,10 @@ def test_disconnect_cancels_the_engine_work(small_queue: tuple[Any, str]) -> Non
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
-        assert _wait_for(lambda: _inbox(engine) >= 1)
+        assert wait_for(lambda: _inbox(engine) >= 1)
         sock.close()
-        assert _wait_for(lambda: _metric(url, closed) >= 1), "the server did not notice the disconnect"
-    assert _wait_for(lambda: _metric(url, cancelled) == before_cancelled + 1)
+        assert wait_for(lambda: _metric(url, closed) >= 1), "the server did not notice the disconnect"
+    assert wait_for(lambda: _metric(url, cancelled) == before_cancelled + 1)
     assert _metric(url, _success(EMB)) == before_success  # the abandoned request was never computed
 
 

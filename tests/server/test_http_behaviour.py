@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
@@ -18,17 +17,8 @@ import numpy as np
 import pytest
 
 from ptmserve.engine.api import InferenceOptions
-from tests.server.conftest import live_server, running_server
+from tests.server.conftest import live_server, running_server, wait_for
 from tests.server.fake_engine import FakeEngine, fake_vector
-
-
-def _wait_for(cond, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 @pytest.fixture
@@ -242,7 +232,7 @@ def test_overload_gives_429_not_unbounded_queueing() -> None:
                     asyncio.create_task(c.post("/v1/embeddings", json={"model": "emb", "input": f"x{i}"}))
                     for i in range(2)
                 ]
-                await asyncio.to_thread(_wait_for, lambda: engine.in_flight == 2)
+                await asyncio.to_thread(wait_for, lambda: engine.in_flight == 2)
                 more = [await c.post("/v1/embeddings", json={"model": "emb", "input": "y"}) for _ in range(3)]
                 engine.hold = False
                 return [r.status_code for r in more] + [(await t).status_code for t in first]
@@ -268,9 +258,9 @@ def test_disconnect_cancels_the_queued_work(path: str) -> None:
     body = {"model": "emb", "input": "bye"} if path.startswith("/v1") else _text_infer(["bye"])
     with running_server(engine) as url:
         sock = _raw_post(url, path, body)
-        assert _wait_for(lambda: engine.in_flight == 1)
+        assert wait_for(lambda: engine.in_flight == 1)
         sock.close()
-        assert _wait_for(lambda: engine.cancelled == 1), "the server did not cancel the abandoned request"
+        assert wait_for(lambda: engine.cancelled == 1), "the server did not cancel the abandoned request"
         assert engine.in_flight == 0 and engine.completed == 0
         engine.hold = False
         r = httpx.post(f"{url}/v1/embeddings", json={"model": "emb", "input": "still here"})
