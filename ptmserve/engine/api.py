@@ -55,6 +55,7 @@ class ClassifyResult:
     logits: np.ndarray  # (B, C) float32
     labels: list[str]  # argmax label per input
     prompt_tokens: int
+    embeddings: np.ndarray | None = None  # (B, D) float32 pooled embeddings, from the same forward pass
 
 
 @dataclass(slots=True)

@@ -246,7 +246,9 @@ class Worker:
                 continue
             if work.classify and logits is not None:
                 part = logits[rows]
-                result: object = ClassifyResult(part, [labels[i] for i in part.argmax(axis=1)], r.tokens)
+                result: object = ClassifyResult(
+                    part, [labels[i] for i in part.argmax(axis=1)], r.tokens, embeddings[rows]
+                )
             else:
                 result = EmbedResult(embeddings[rows], r.tokens)
             work.future.set_result(result)
