@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ptmserve.bench.peak import matmul_peak_flops
+from ptmserve.models import registry
 from ptmserve.models.config import EncoderConfig, Pooling
 from ptmserve.models.encoder import Encoder, packed_attention
 from ptmserve.models.hf import read_checkpoint
-from ptmserve.models.names import translate_names
 from ptmserve.models.packed import MAX_BUCKETS, PackedBatch, make_plan, pack
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,8 @@ def _bert_base(dtype: torch.dtype, device: torch.device) -> tuple[Encoder, torch
     hf = transformers.BertModel(transformers.BertConfig(**BERT_BASE)).eval()
     cfg = EncoderConfig.from_hf(hf.config.to_dict())
     state = hf.state_dict()
-    tr = translate_names("bert", state, with_head=False)
-    ours = Encoder.from_tensors(cfg, {o: state[t] for t, o in tr.names.items()}, device=device, dtype=dtype)
+    tensors = registry.get("bert").names.convert(state, with_head=False, family="bert")
+    ours = Encoder.from_tensors(cfg, tensors, device=device, dtype=dtype)
     return ours, hf.to(device=device, dtype=dtype), cfg
 
 

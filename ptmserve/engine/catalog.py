@@ -1,80 +1,170 @@
-"""What the engine knows about each model without loading its weights: info and tokenizer.
+"""What the engine knows about each model without loading its weights: info, config and tokenizer.
+
+The catalog is held in memory. ``refresh`` re-reads the repository's model list (one ``stat`` per
+manifest, at most every ``refresh_seconds``, or at once when forced), so the scheduler and the request
+path never read manifests from disk themselves. A manifest that cannot be read is listed with its error
+(the model is unavailable); one that disappears is dropped. One damaged model never hides the others.
 
 Thread-safe: callers tokenize in their own threads, so the worker only computes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ptmserve.engine.api import ModelInfo, ModelKind, ModelState
-from ptmserve.errors import InvalidInput
-from ptmserve.models.config import EncoderConfig
+from ptmserve.errors import CorruptData, InvalidInput, ModelNotFound, PtmError
+from ptmserve.models import registry
+from ptmserve.models.registry import ModelConfig
 from ptmserve.models.tokenizer import TextTokenizer, check_ids
-from ptmserve.store.manifest import ModelManifest
+from ptmserve.store.manifest import ModelManifest, validate_name
 from ptmserve.store.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+_FLOATING = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
+    """One readable model."""
+
     manifest: ModelManifest
-    config: EncoderConfig
-    tokenizer: TextTokenizer
+    config: ModelConfig
     max_tokens: int  # the truncation length
     device_bytes: int  # its weights on the device, in the compute dtype
 
 
 class ModelCatalog:
-    """Per-model metadata and tokenizers read from the repository, cached until the manifest changes."""
+    """Per-model metadata read from the repository, kept in memory, and tokenizers built on first use."""
 
-    def __init__(self, repo: Repository, compute_dtype: str, *, truncate: bool = True) -> None:
+    def __init__(
+        self, repo: Repository, compute_dtype: str, *, truncate: bool = True, refresh_seconds: float = 0.5
+    ) -> None:
         self._repo = repo
         self._compute_dtype = compute_dtype
         self._truncate = truncate
+        self._refresh_seconds = refresh_seconds
         self._entries: dict[str, CatalogEntry] = {}
+        self._damaged: dict[str, str] = {}  # model -> why its manifest cannot be read
+        self._tokenizers: dict[str, tuple[ModelManifest, TextTokenizer]] = {}
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._refreshed_at = -math.inf
 
-    def names(self) -> list[str]:
-        return self._repo.names()
+    # -- the model list -------------------------------------------------------------------------------
 
-    def entry(self, name: str) -> CatalogEntry:
-        """The cached entry of ``name``. Raises ModelNotFound (or InvalidInput for a bad name)."""
-        manifest = self._repo.manifest(name)
+    def refresh(self, *, force: bool = False) -> None:
+        """Bring the catalog up to date with the repository (a no-op within ``refresh_seconds`` of the
+        last refresh unless ``force``)."""
+        if not force and time.monotonic() - self._refreshed_at < self._refresh_seconds:
+            return
+        with self._refresh_lock:
+            if not force and time.monotonic() - self._refreshed_at < self._refresh_seconds:
+                return
+            entries: dict[str, CatalogEntry] = {}
+            damaged: dict[str, str] = {}
+            for name in self._repo.names():
+                try:
+                    entries[name] = self._read(name)
+                except ModelNotFound:
+                    continue  # removed between listing and reading
+                except PtmError as exc:
+                    damaged[name] = exc.message
+            with self._lock:
+                for name in set(damaged) - set(self._damaged):
+                    logger.error("model %s is unavailable: %s", name, damaged[name])
+                self._entries, self._damaged = entries, damaged
+                for name in set(self._tokenizers) - set(entries):
+                    del self._tokenizers[name]
+            self._refreshed_at = time.monotonic()
+
+    def _read(self, name: str) -> CatalogEntry:
+        manifest = self._repo.manifest(name)  # cached by the repository until the file changes
         with self._lock:
             cached = self._entries.get(name)
-            if cached is not None and cached.manifest == manifest:
-                return cached
-        config = EncoderConfig.from_dict(manifest.config)
+        if cached is not None and cached.manifest is manifest:
+            return cached
+        try:
+            config = registry.config_from_dict(manifest.architecture, manifest.config)
+        except PtmError as exc:
+            raise CorruptData(f"model {name!r}: its stored config cannot be used: {exc.message}") from None
         max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
-        # Without truncation, tokenize one token past the limit so that too-long inputs are seen.
-        limit = max_tokens if self._truncate else max_tokens + 1
-        tokenizer = TextTokenizer.from_json(manifest.tokenizer_json, limit)
-        entry = CatalogEntry(manifest, config, tokenizer, max_tokens, self._device_bytes(manifest))
+        return CatalogEntry(manifest, config, max_tokens, self._device_bytes(manifest))
+
+    def names(self) -> list[str]:
+        """Every model in the repository, damaged ones included, sorted."""
+        self.refresh()
         with self._lock:
-            self._entries[name] = entry
-        return entry
+            return sorted({*self._entries, *self._damaged})
+
+    def entry(self, name: str) -> CatalogEntry:
+        """The entry of ``name``.
+
+        Raises:
+            InvalidInput: a malformed name.
+            ModelNotFound: no such model.
+            CorruptData: its manifest cannot be read (the message says why).
+        """
+        validate_name(name)
+        self.refresh()
+        with self._lock:
+            found = self._entries.get(name)
+            damaged = self._damaged.get(name)
+        if found is not None:
+            return found
+        if damaged is not None:
+            raise CorruptData(damaged)
+        self.refresh(force=True)  # imported a moment ago?
+        with self._lock:
+            found = self._entries.get(name)
+            damaged = self._damaged.get(name)
+        if found is not None:
+            return found
+        if damaged is not None:
+            raise CorruptData(damaged)
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+
+    def damage(self, name: str) -> str | None:
+        """Why ``name``'s manifest cannot be read, or None."""
+        with self._lock:
+            return self._damaged.get(name)
 
     def device_bytes(self, name: str) -> int:
-        """Bytes ``name``'s weights take on the device, in the compute dtype (floating tensors are cast)."""
-        return self.entry(name).device_bytes
-
-    def forget(self, name: str) -> None:
+        """Bytes ``name``'s weights take on the device in the compute dtype (0 for a model not listed)."""
         with self._lock:
-            self._entries.pop(name, None)
+            found = self._entries.get(name)
+        return found.device_bytes if found is not None else 0
 
     def _device_bytes(self, manifest: ModelManifest) -> int:
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self._compute_dtype]
         total = 0
         for t in manifest.tensors:
-            floating = t.dtype in ("float32", "bfloat16", "float16")
-            total += math.prod(t.shape) * itemsize if floating else t.nbytes
+            total += math.prod(t.shape) * itemsize if t.dtype in _FLOATING else t.nbytes
         return total
 
     def info(self, name: str, state: ModelState, reason: str = "") -> ModelInfo:
-        e = self.entry(name)
+        """What clients see of ``name``; a damaged model is UNAVAILABLE with its error as the reason."""
+        try:
+            e = self.entry(name)
+        except CorruptData as exc:
+            return ModelInfo(
+                name,
+                ModelKind.EMBEDDING,
+                0,
+                (),
+                0,
+                0,
+                self._compute_dtype,
+                0,
+                ModelState.UNAVAILABLE,
+                exc.message,
+            )
         return ModelInfo(
             name=name,
             kind=ModelKind.CLASSIFIER if e.config.labels else ModelKind.EMBEDDING,
@@ -87,6 +177,22 @@ class ModelCatalog:
             state=state,
             reason=reason,
         )
+
+    # -- tokenization ---------------------------------------------------------------------------------
+
+    def tokenizer(self, name: str) -> TextTokenizer:
+        """``name``'s tokenizer, parsed on first use (off the event loop: callers run in threads)."""
+        e = self.entry(name)
+        with self._lock:
+            cached = self._tokenizers.get(name)
+        if cached is not None and cached[0] is e.manifest:
+            return cached[1]
+        # Without truncation, tokenize one token past the limit so that too-long inputs are seen.
+        limit = e.max_tokens if self._truncate else e.max_tokens + 1
+        tok = TextTokenizer.from_json(e.manifest.tokenizer_json, limit)
+        with self._lock:
+            self._tokenizers[name] = (e.manifest, tok)
+        return tok
 
     def tokenize(self, name: str, inputs: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
         """Turn texts or token-id lists into token ids the model accepts.
@@ -106,7 +212,7 @@ class ModelCatalog:
             for i, text in enumerate(inputs):
                 if not text:
                     raise InvalidInput(f"input[{i}] is an empty string")
-            ids = e.tokenizer.encode(list(inputs))  # type: ignore[arg-type]
+            ids = self.tokenizer(name).encode(list(inputs))  # type: ignore[arg-type]
             if limit is not None:
                 check_ids(ids, e.config.vocab_size, limit)
             return ids

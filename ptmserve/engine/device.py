@@ -54,7 +54,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and _cpu_has_bf16_matrix_units():
         return torch.bfloat16
     return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -1,8 +1,9 @@
 """The engine: the protocol-neutral API the server and Python users call.
 
-Callers tokenize in their own thread and post a request to the worker, which owns the scheduler and
-the weight tiers; they wait on a future. ``embed``/``classify`` are synchronous; ``aembed``/
-``aclassify`` are their asyncio twins, and cancelling the awaiting task cancels the queued work.
+A request is prepared (validated and tokenized) on the caller's thread, or for ``aembed``/``aclassify``
+on a small thread pool, never on the event loop; then it is admitted to the scheduler at once (a full
+queue raises ``Overloaded`` then and there) and the caller waits on a future. The worker
+(``worker.py``) runs the steps; cancelling the awaiting task cancels the request and frees its slot.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +26,22 @@ from ptmserve.engine.api import (
     TierUsage,
 )
 from ptmserve.engine.catalog import ModelCatalog
-from ptmserve.engine.device import dtype_name, resolve_device, resolve_dtype
+from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import ClassDefaults, Request, deadline_from, request_class
+from ptmserve.engine.runner import ModelRunner, Work
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
-from ptmserve.engine.worker import Work, Worker
+from ptmserve.engine.worker import Worker
 from ptmserve.errors import InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.sizes import parse_size
+from ptmserve.store.manifest import dtype_name
 from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
 
 Inputs = Sequence[str] | Sequence[Sequence[int]]
+_FLOATING = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,12 @@ class EngineSettings:
 
 
 class Engine:
-    """Serves every model of a repository under the tiers' byte budgets."""
+    """Serves every model of a repository under the tiers' byte budgets.
+
+    Raises:
+        InvalidConfig: a setting is out of range, or (with ``zero_copy``) a model is stored in another
+            dtype than the one the engine computes in.
+    """
 
     def __init__(self, repo: Repository, settings: EngineSettings = EngineSettings()) -> None:
         self.repo = repo
@@ -91,6 +100,13 @@ class Engine:
                 max_queue_per_model_class=settings.max_queue,
             ),
         )
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()  # under explicit control: the models loaded through the API
+        self._loading: set[str] = set()  # explicit loads in progress
+        self._failed: dict[str, str] = {}  # model -> why it cannot serve (budget, damage, failed load)
+        self._accepting = True
+        self._refuse_zero_copy_mismatch()
         self.weights = WeightManager(
             repo,
             device=self.device,
@@ -101,12 +117,9 @@ class Engine:
             verify=settings.verify,
             zero_copy=settings.zero_copy,
         )
-        self._worker = Worker(self._scheduler, self.weights, self.catalog, self.metrics, self.device)
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._loaded: set[str] = set()  # under explicit control: the models loaded through the API
-        self._failed: dict[str, str] = {}  # model -> why its last explicit load failed
-        self._accepting = True
+        self._runner = ModelRunner(self.weights, self.catalog, self.device, servable=self._servable)
+        self._worker = Worker(self._scheduler, self._runner, self.weights, self.catalog, self.metrics)
+        self._preparers = ThreadPoolExecutor(2, thread_name_prefix="ptmserve-prepare")
         self._refuse_oversized()
         for tier in (stats := self.weights.stats()).host, stats.device:
             self.metrics.budget_bytes.labels(tier.name).set(tier.budget_bytes)
@@ -121,10 +134,30 @@ class Engine:
             ),
         )
 
-    def _refuse_oversized(self) -> None:
-        """Mark every model that can never fit a tier's budget as unavailable, with the reason."""
+    def _refuse_zero_copy_mismatch(self) -> None:
+        """Zero-copy computes in the stored dtype: a model stored otherwise is a configuration error."""
+        if not self.settings.zero_copy:
+            return
+        serve = dtype_name(self.dtype)
+        wrong = []
         for name in self.catalog.names():
             try:
+                stored = self.catalog.entry(name).manifest.dtype
+            except PtmError:
+                continue  # damaged: reported as unavailable
+            if stored in _FLOATING and stored != serve:
+                wrong.append(f"{name} ({stored})")
+        if wrong:
+            raise InvalidConfig(
+                f"--zero-copy computes in the stored dtype, but the serve dtype is {serve} and these models "
+                f"are stored otherwise: {', '.join(wrong)}; pass --dtype to match them or re-import them"
+            )
+
+    def _refuse_oversized(self) -> None:
+        """Mark every model that can never fit a tier's budget, or cannot be read, as unavailable."""
+        for name in self.catalog.names():
+            try:
+                self.catalog.entry(name)
                 self.weights.check_budget(name)
             except PtmError as exc:
                 logger.error("model %s cannot be served: %s", name, exc.message)
@@ -138,6 +171,7 @@ class Engine:
     # -- models ---------------------------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
+        """Every model in the repository; damaged ones are UNAVAILABLE with the reason."""
         return [self.model_info(name) for name in self.catalog.names()]
 
     def model_info(self, name: str) -> ModelInfo:
@@ -146,23 +180,39 @@ class Engine:
         return self.catalog.info(name, state, reason)
 
     def _state(self, name: str) -> tuple[ModelState, str]:
+        damage = self.catalog.damage(name)
+        if damage is not None:
+            return ModelState.UNAVAILABLE, damage
         with self._lock:
+            if name in self._loading:
+                return ModelState.LOADING, "an explicit load is in progress"
             if name in self._failed:
                 return ModelState.UNAVAILABLE, self._failed[name]
             if self.settings.model_control == "explicit" and name not in self._loaded:
                 return ModelState.UNAVAILABLE, "not loaded (explicit model control)"
         return ModelState.READY, ""
 
+    def _servable(self, name: str) -> bool:
+        """Whether ``name`` may run or be prefetched now (the runner asks before touching its weights)."""
+        with self._lock:
+            if name in self._failed:
+                return False
+            return self.settings.model_control != "explicit" or name in self._loaded or name in self._loading
+
     def load(self, name: str) -> None:
         """Make ``name`` serve (under explicit control) and bring its weights onto the device now.
+        Its state is LOADING meanwhile.
 
         Raises:
             ModelNotFound; CorruptData or NotReady when its weights cannot be loaded.
         """
-        self.catalog.forget(name)
+        self.catalog.refresh(force=True)
         self.catalog.entry(name)
+        with self._lock:
+            self._loading.add(name)
 
         def load_now() -> None:
+            self.weights.check_budget(name)
             with self.weights.acquire(name) as loaded:
                 loaded.wait()
 
@@ -170,30 +220,45 @@ class Engine:
             self._worker.control(load_now).result()
         except Exception as exc:
             with self._lock:
-                self._failed[name] = str(exc)
+                self._failed[name] = exc.message if isinstance(exc, PtmError) else str(exc)
             raise
+        finally:
+            with self._lock:
+                self._loading.discard(name)
         with self._lock:
             self._failed.pop(name, None)
             self._loaded.add(name)
 
     def unload(self, name: str) -> None:
-        """Stop serving ``name`` (under explicit control) and free its device and host bytes."""
+        """Stop serving ``name`` (under explicit control): its queued requests fail with NotReady, and its
+        device and host bytes are freed. It stays unloaded: nothing reloads or prefetches it."""
         self.catalog.entry(name)
         with self._lock:
             self._loaded.discard(name)
+        if self.settings.model_control == "explicit":
+            self._worker.drop(name, NotReady(f"model {name!r} was unloaded"))
         self._worker.control(lambda: self.weights.evict(name, host=True)).result()
 
     def warm_up(self) -> None:
         """Load the first servable model and run one request through it, so that the first client does
-        not pay for the load and the kernels' first-call set-up. Does nothing for an empty repository."""
+        not pay for the load and the kernels' first-call set-up. A model that fails is marked unavailable
+        with the reason and the next one is tried; an empty repository does nothing."""
         for info in self.models():
-            if info.state is ModelState.READY:
+            if info.state is not ModelState.READY:
+                continue
+            try:
                 self.embed(info.name, ["warm up"], InferenceOptions(priority=2, timeout_us=300_000_000))
-                logger.info("warmed up %s", info.name)
-                return
+            except PtmError as exc:
+                logger.error("model %s cannot be served: %s", info.name, exc.message)
+                with self._lock:
+                    self._failed[info.name] = exc.message
+                continue
+            logger.info("warmed up %s", info.name)
+            return
 
     def ready(self) -> bool:
-        return self._accepting
+        """True while the engine accepts requests and its step loop runs."""
+        return self._accepting and self._worker.alive()
 
     def tiers(self) -> list[TierUsage]:
         stats = self.weights.stats()
@@ -217,24 +282,38 @@ class Engine:
     def classify(
         self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
     ) -> ClassifyResult:
-        """Logits and the argmax label of each input; the model needs a classification head."""
+        """Logits, the argmax label and the embeddings of each input (one forward pass); the model needs
+        a classification head."""
         return self._submit(model, inputs, options, classify=True).result()
 
     async def aembed(
         self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
     ) -> EmbedResult:
-        return await asyncio.wrap_future(self._submit(model, inputs, options, classify=False))
+        return await self._asubmit(model, inputs, options, classify=False)
 
     async def aclassify(
         self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
     ) -> ClassifyResult:
-        return await asyncio.wrap_future(self._submit(model, inputs, options, classify=True))
+        return await self._asubmit(model, inputs, options, classify=True)
+
+    async def _asubmit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool):  # noqa: ANN202
+        """Prepare on the pool (tokenizing never blocks the event loop), then await the result.
+        Cancelling the caller cancels the request, whichever stage it is in."""
+        prepared = self._preparers.submit(self._submit, model, inputs, options, classify=classify)
+        try:
+            result = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:
+            prepared.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else f.result().cancel()
+            )
+            raise
+        return await asyncio.wrap_future(result)
 
     def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
         if not self._accepting:
             raise NotReady("the server is shutting down")
         state, reason = self._state(model)  # also rejects a malformed name
-        entry = self.catalog.entry(model)  # raises ModelNotFound
+        entry = self.catalog.entry(model)  # raises ModelNotFound, CorruptData
         if state is not ModelState.READY:
             raise NotReady(f"model {model!r} is not ready: {reason}")
         if classify and not entry.config.labels:
@@ -242,6 +321,7 @@ class Engine:
         token_ids = self.catalog.tokenize(model, inputs)
         cls = request_class(options.priority, self._defaults.default_class)
         now = self._scheduler.clock()
+        lengths = tuple(len(x) for x in token_ids)
         work = Work(token_ids, classify)
         request = Request(
             id=next(self._ids),
@@ -249,10 +329,11 @@ class Engine:
             cls=cls,
             arrival=now,
             deadline=deadline_from(options.timeout_us, cls, now, self._defaults),
-            tokens=sum(len(x) for x in token_ids),
+            tokens=sum(lengths),
             payload=work,
+            inputs=lengths if len(lengths) > 1 else (),
         )
-        self._worker.submit(request)
+        self._worker.admit(request)  # raises Overloaded / DeadlineExceeded at once
         return work.future
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -264,6 +345,7 @@ class Engine:
         self._accepting = False
         if not self._worker.stop(drain_seconds):
             logger.warning("requests still running after %.1f s of draining", drain_seconds)
+        self._preparers.shutdown(wait=False, cancel_futures=True)
         self.weights.close()
 
     def __enter__(self) -> Engine:

@@ -22,25 +22,67 @@ class RequestClass(IntEnum):
 
 
 class Outcome(str, Enum):
-    """How a request ended. Every request ends in exactly one of these."""
+    """How a request ended, as metrics count it. Every request ends in exactly one of these."""
 
     SUCCESS = "success"  # its result was delivered within its deadline
     TIMEOUT = "timeout"  # it could not meet its deadline (failed fast, expired in queue, or finished late)
     REJECTED = "rejected"  # refused at admission: its queue was full
-    ERROR = "error"  # execution failed (or the client cancelled it)
+    ERROR = "error"  # execution failed
+    CANCELLED = "cancelled"  # the client went away or cancelled it
 
 
-@dataclass(slots=True)
+class RequestStatus(IntEnum):
+    """Where a request is in its life. The finished states sort after the live ones (vLLM's way)."""
+
+    WAITING = 0  # queued, not yet scheduled
+    RUNNING = 1  # in the running set: scheduled at least once (a split request between its steps too)
+    FINISHED = 2  # every input computed (the engine then delivers, or fails it if it came too late)
+    CANCELLED = 3  # the client cancelled it or went away
+    TIMED_OUT = 4  # its deadline passed before it could finish
+    FAILED = 5  # its step failed, or it was dropped (model unloaded, scheduler error)
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED
+
+
+@dataclass(slots=True, eq=False)
 class Request:
-    """One unit of work for one model. The scheduler reads every field except ``payload``."""
+    """One unit of work for one model. The scheduler reads every field except ``payload``.
+
+    A request of several inputs whose tokens exceed the batch token limit is split over several steps,
+    a prefix of its remaining inputs at a time; ``tokens`` then counts what is still to compute.
+    """
 
     id: int  # unique among live requests; the engine assigns it
     model: str  # model name, as the tier view names it
     cls: RequestClass
     arrival: float  # seconds on the scheduler's clock when it was submitted
     deadline: float  # absolute seconds on the same clock; its result is useless after this
-    tokens: int  # tokens the model will compute for it (after truncation); >= 1
-    payload: object = None  # opaque to the scheduler: the engine keeps its inputs and future here
+    tokens: int  # tokens still to compute (after truncation); >= 1 while it is live
+    payload: object = None  # opaque to the scheduler (the simulator keeps its record here)
+    inputs: tuple[int, ...] = ()  # tokens of each input, when it may be split; () = one indivisible unit
+    done_inputs: int = 0  # inputs computed by earlier steps (a prefix of ``inputs``)
+    status: RequestStatus = RequestStatus.WAITING
+
+    def next_span(self, budget: int) -> tuple[int, int]:
+        """The inputs ``[start, end)`` its next step computes: as many of the remaining inputs as fit in
+        ``budget`` tokens, and at least one."""
+        start = self.done_inputs
+        if not self.inputs:
+            return start, start + 1
+        end, used = start, 0
+        while end < len(self.inputs) and (end == start or used + self.inputs[end] <= budget):
+            used += self.inputs[end]
+            end += 1
+        return start, end
+
+    def span_tokens(self, span: tuple[int, int]) -> int:
+        return sum(self.inputs[span[0] : span[1]]) if self.inputs else self.tokens
+
+    @property
+    def total_inputs(self) -> int:
+        return len(self.inputs) if self.inputs else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +191,8 @@ class RequestQueues:
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._live
 
-    def push(self, req: Request) -> None:
-        """Queue ``req``.
+    def push(self, req: Request, *, admitted: bool = False) -> None:
+        """Queue ``req``. A request ``admitted`` before (the rest of a split request) is never refused.
 
         Raises:
             Overloaded: its model+class queue already holds ``max_per_queue`` requests.
@@ -161,7 +203,7 @@ class RequestQueues:
         q = self._queues.get((req.model, req.cls))
         if q is None:
             q = self._queues[(req.model, req.cls)] = ModelQueue()
-        if len(q) >= self.max_per_queue:
+        if len(q) >= self.max_per_queue and not admitted:
             raise Overloaded(
                 f"queue for model {req.model!r} ({req.cls.name.lower()}) is full ({self.max_per_queue})"
             )

@@ -1,20 +1,29 @@
 """The online multi-model scheduler: which model runs next, with which batch, and what moves in memory.
 
-Contract with the engine (one worker thread; the scheduler is not thread-safe, the engine serialises calls):
+Contract with the engine (the scheduler is not thread-safe: the engine calls it under one lock, and never
+holds that lock while a step computes, so admission, cancellation and expiry happen while a step runs):
 
-1. ``submit(req)`` whenever a request arrives (it may raise ``Overloaded`` or ``DeadlineExceeded``).
+1. ``submit(req)`` whenever a request arrives: it raises ``Overloaded`` or ``DeadlineExceeded`` at once.
 2. When the worker is free: ``step = schedule(view)``.
    - Fail every request of ``step.expired`` as a timeout (``DeadlineExceeded``); never run them.
    - Evict ``step.evict`` from the device, in order; then, if ``step.load_needed``, load ``step.model``
      (or wait for its load already in flight); start loading ``step.prefetch`` in the background, behind
      that load (the scheduler predicts loads as sharing one channel, one after another).
-   - Run ``step.batch`` on ``step.model`` as one batch. A result ready after its request's deadline is
-     failed as a timeout, not delivered.
-   - Call ``on_step_done(step, ...)`` with what it measured, before the next ``schedule``.
+   - Run the inputs ``step.spans[r.id]`` of each request ``r`` of ``step.batch`` on ``step.model`` as one
+     batch. A request larger than the batch token limit runs a part per step and goes back to its queue
+     between parts, so that other work (real-time work of other models) runs in between.
+   - Call ``finished = on_step_done(step, ...)`` with what it measured, before the next ``schedule``; it
+     returns the requests whose last inputs this step computed. Deliver those; a result ready after its
+     request's deadline is failed as a timeout, not delivered.
    - A step with ``model`` None (kind IDLE) has nothing to run now: fail its ``expired``, then wait for the
      next ``submit``, the end of a load, or ``wake_at()``, whichever comes first; it needs no report.
 3. When a background load (prefetch) finishes or fails: ``on_load_done(model, ...)``.
-4. ``cancel(id)`` when a client goes away before its request was scheduled.
+4. ``cancel(id)`` when a client goes away: a queued request leaves its queue at once.
+5. ``expire(now)`` from a timer at ``next_deadline()``: queued requests whose deadline passed leave at
+   once, whatever is running.
+
+Requests move WAITING -> RUNNING (``running``: scheduled at least once, until their last part is done)
+-> FINISHED, or end CANCELLED, TIMED_OUT or FAILED (``RequestStatus``).
 
 Everything the scheduler decides about device memory goes through ``Step.evict`` and ``Step.prefetch``;
 ``eviction_order`` ranks models for the weight manager's own evictions (host tier, or device overflow).
@@ -28,12 +37,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ptmserve.engine.costs import CostModel, Tier
 from ptmserve.engine.policies import Context, ModelStats, Plan, Policy, StepKind, make_policy
-from ptmserve.engine.requests import Request, RequestClass, RequestQueues
+from ptmserve.engine.requests import Request, RequestClass, RequestQueues, RequestStatus
 from ptmserve.errors import DeadlineExceeded, InvalidConfig, InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -129,10 +138,11 @@ class Step:
     evict: list[str]  # evict these from the device first, in order (never busy, loading or ``model``)
     prefetch: list[str]  # then start loading these in the background; they overlap the batch
     estimated_seconds: float  # predicted wall time of the load (if any) and the batch
-    tokens: int  # total tokens of ``batch``
+    tokens: int  # total tokens this step computes (of the spans below)
     kind: StepKind  # why this batch was chosen (real-time, batch, or batch forced by the starvation bound)
     started: float = 0.0  # clock time ``schedule`` returned it
     load_source: Tier = Tier.DEVICE  # where ``model``'s weights come from when ``load_needed``
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # request id -> inputs [start, end)
 
 
 @dataclass(slots=True)
@@ -161,6 +171,7 @@ class Scheduler:
         self._resident: frozenset[str] = frozenset()  # as of the last schedule
         self._loads: dict[str, _LoadInFlight] = {}  # prefetches started by our steps, not yet done
         self._outstanding: Step | None = None
+        self.running: dict[int, Request] = {}  # scheduled at least once and not finished, by id
         self._seq = 0
         self._timeouts: dict[RequestClass, float] = {}  # EWMA of (deadline - arrival) per class
 
@@ -201,6 +212,7 @@ class Scheduler:
                     f"has {(req.deadline - now) * 1e3:.1f} ms"
                 )
         self.queues.push(req)
+        req.status = RequestStatus.WAITING
         seen = self._timeouts.get(req.cls)
         timeout = req.deadline - req.arrival
         self._timeouts[req.cls] = timeout if seen is None else seen + 0.05 * (timeout - seen)
@@ -209,16 +221,49 @@ class Scheduler:
             stats = self.stats[req.model] = ModelStats()
         stats.arrive(now, self.limits.rate_window_s)
 
-    def cancel(self, request_id: int) -> bool:
-        """Remove a queued request. Returns False when it is not queued (already scheduled or finished)."""
+    def cancel(self, request_id: int) -> Request | None:
+        """Cancel a live request: a queued one leaves its queue now (its slot is free at once); one in the
+        step running now is not continued after it. Returns the request, or None when it is not live."""
         req = self.queues.get(request_id)
-        if req is None:
-            return False
-        self.queues.remove(req)
-        return True
+        if req is not None:
+            self.queues.remove(req)
+        else:
+            req = self.running.get(request_id)
+            if req is None:
+                return None
+        self._end(req, RequestStatus.CANCELLED)
+        return req
+
+    def expire(self, now: float | None = None) -> list[Request]:
+        """Take every queued request whose deadline is at or before ``now`` (default: the clock) out of
+        the queues, as TIMED_OUT; the engine fails them. Requests in the step running now are not touched:
+        their result is checked against their deadline on delivery."""
+        now = self.clock() if now is None else now
+        out = []
+        while (head := self.queues.earliest()) is not None and head.deadline <= now:
+            self.queues.remove(head)
+            self._end(head, RequestStatus.TIMED_OUT)
+            out.append(head)
+        return out
+
+    def drop(self, model: str | None = None) -> list[Request]:
+        """Take every queued request (of ``model``, or of every model) out, as FAILED; the engine fails
+        them (an unloaded model, or a scheduling error that would otherwise repeat forever)."""
+        out = []
+        for cls in RequestClass:
+            for m in [model] if model is not None else list(self.queues.models(cls)):
+                out.extend(self.queues.queue(m, cls))
+        for req in out:
+            self.queues.remove(req)
+            self._end(req, RequestStatus.FAILED)
+        return out
+
+    def _end(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.running.pop(req.id, None)
 
     def pending(self) -> int:
-        """Requests queued and not yet handed out by ``schedule``."""
+        """Requests queued (parts of split requests included) and not yet handed out by ``schedule``."""
         return len(self.queues)
 
     def next_deadline(self) -> float | None:
@@ -252,6 +297,8 @@ class Scheduler:
             return None
         ctx = self._context(view)
         self.policy.expire(ctx)
+        for req in ctx.expired:
+            self._end(req, RequestStatus.TIMED_OUT)
         chosen: tuple[Plan, list[str]] | None = None
         for plan in self.policy.plans(ctx):
             if not plan.batch:
@@ -264,10 +311,13 @@ class Scheduler:
         if chosen is None:
             return Step(self._seq, None, [], ctx.expired, False, [], [], 0.0, 0, StepKind.IDLE, ctx.now)
         plan, evict = chosen
+        spans = self._spans(plan.batch)
         for req in plan.batch:
             self.queues.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running[req.id] = req
         model = plan.model
-        tokens = sum(r.tokens for r in plan.batch)
+        tokens = sum(r.span_tokens(spans[r.id]) for r in plan.batch)
         load_needed = not ctx.is_resident(model)
         step = Step(
             seq=self._seq,
@@ -282,6 +332,7 @@ class Scheduler:
             kind=plan.kind,
             started=ctx.now,
             load_source=ctx.source(model),
+            spans=spans,
         )
         self._add_prefetch(ctx, step)
         stats = self.stats.setdefault(model, ModelStats())
@@ -289,6 +340,17 @@ class Scheduler:
         self.policy.on_step(ctx, step)
         self._outstanding = step
         return step
+
+    def _spans(self, batch: list[Request]) -> dict[int, tuple[int, int]]:
+        """What each request of ``batch`` computes in this step: all its remaining inputs, unless they do
+        not fit the token limit (a request larger than it runs alone, a part at a time)."""
+        budget = self.limits.max_batch_tokens
+        spans = {}
+        for req in batch:
+            span = req.next_span(max(budget, 1))
+            spans[req.id] = span
+            budget -= req.span_tokens(span)
+        return spans
 
     def _context(self, view: TierView) -> Context:
         now = self.clock()
@@ -366,8 +428,12 @@ class Scheduler:
         load_seconds: float = 0.0,
         loaded_bytes: int = 0,
         ok: bool = True,
-    ) -> None:
-        """Report that ``step`` finished (or failed, ``ok=False``).
+    ) -> list[Request]:
+        """Report that ``step`` finished (or failed, ``ok=False``); returns the requests it finished.
+
+        A request whose span left inputs to compute goes back to its queue (it stays RUNNING) unless it
+        was cancelled meanwhile; the others become FINISHED (FAILED when not ``ok``) and leave
+        ``running``. The engine delivers what is returned.
 
         Args:
             exec_seconds: time the batch computed, without waiting for weights; 0 when not measured.
@@ -379,12 +445,16 @@ class Scheduler:
         nothing to run (``model`` None) is allowed and does nothing.
         """
         if step.model is None:
-            return
+            return []
         if self._outstanding is not step:
             raise RuntimeError(f"step {step.seq} is not the outstanding step")
         self._outstanding = None
         if not ok:
-            return
+            for req in step.batch:
+                if not req.status.is_finished:
+                    self._end(req, RequestStatus.FAILED)
+            return []
+        finished = self._advance(step)
         nbytes = self._sizes.get(step.model, 0)
         pure = not step.load_needed or load_seconds > 0
         if pure and exec_seconds > 0 and math.isfinite(exec_seconds):
@@ -392,6 +462,22 @@ class Scheduler:
         if load_seconds > 0 and loaded_bytes > 0:
             self.costs.observe_load(loaded_bytes, load_seconds, step.load_source)
         self.stats.setdefault(step.model, ModelStats()).last_used = self.clock()
+        return finished
+
+    def _advance(self, step: Step) -> list[Request]:
+        finished = []
+        for req in step.batch:
+            if req.status.is_finished:  # cancelled while it ran
+                continue
+            start, end = step.spans.get(req.id, (req.done_inputs, req.total_inputs))
+            if end < req.total_inputs:
+                req.done_inputs = end
+                req.tokens = sum(req.inputs[end:])
+                self.queues.push(req, admitted=True)
+            else:
+                self._end(req, RequestStatus.FINISHED)
+                finished.append(req)
+        return finished
 
     def on_load_done(
         self, model: str, seconds: float, nbytes: int, source: Tier = Tier.HOST, ok: bool = True

@@ -1,70 +1,63 @@
-"""The step loop: one thread that owns the scheduler and the weight manager.
+"""The step loop: schedule, execute, deliver, on one supervised thread, with admission, cancellation and
+deadlines decided at once on other threads.
 
-Callers never touch either: they post messages to the worker's inbox and wait on futures.
-``step()`` is: schedule, run, post-process.
+Threads and what each may do:
+
+- callers (any thread): ``admit`` a request (a full queue or a passed deadline is refused at once) and
+  ``cancel`` one (its queue slot is free at once); both hold the scheduler's lock for microseconds;
+- the deadline timer: sleeps until the earliest queued deadline and fails what expired, whatever runs;
+- the worker: ``schedule`` under the lock, ``runner.execute`` without it, then report and deliver;
+- loader threads: only post load events (the worker hands them to the scheduler).
+
+No error ends the loop: a failing step fails its own requests; a failing ``schedule`` fails what was
+queued. Should the loop itself crash, it is restarted; after ``_MAX_CRASHES`` crashes within a minute
+it stays down and ``failure`` says why (the engine then reports not ready).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ptmserve.engine.api import ClassifyResult, EmbedResult
 from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.metrics import EngineMetrics
-from ptmserve.engine.requests import Outcome, Request
+from ptmserve.engine.requests import Outcome, Request, RequestStatus
+from ptmserve.engine.runner import ModelRunner, RunnerOutput, work_of
 from ptmserve.engine.scheduler import Scheduler, Step
-from ptmserve.errors import DeadlineExceeded, InvalidInput, Overloaded, PtmError
+from ptmserve.errors import DeadlineExceeded, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.records import MemoryEvent
-from ptmserve.models.packed import pack
 
 logger = logging.getLogger(__name__)
 
 _MAX_IDLE_S = 0.1  # an idle worker re-checks at least this often (a load it waits on may end silently)
+_MAX_CRASHES = 3  # loop crashes within a minute before the worker stays down
 
-
-@dataclass(slots=True)
-class Work:
-    """What the engine keeps in ``Request.payload``: the inputs and where the answer goes."""
-
-    token_ids: list[list[int]]
-    classify: bool
-    future: Future = field(default_factory=Future)
+Ending = tuple[Request, PtmError, Outcome]  # fail this request with this error, counted as this outcome
 
 
 @dataclass(slots=True)
 class _Control:
-    """Run ``fn`` on the worker thread (load, unload) and answer through ``future``."""
+    """Run ``fn`` on the worker thread between steps (load, unload) and answer through ``future``."""
 
     fn: Callable[[], object]
     future: Future = field(default_factory=Future)
 
 
-class _Stop:
-    pass
-
-
-@dataclass(slots=True)
-class _LoadDone:
-    """A background load ended (heard on a loader thread, handed to the scheduler on the worker)."""
-
-    event: MemoryEvent
-
-
 class _Tiers:
-    """The scheduler's ``TierView`` over the weight manager, taken once per ``schedule``."""
+    """The scheduler's ``TierView`` over the weight manager and the in-memory catalog, taken once per
+    ``schedule`` (no disk reads)."""
 
-    def __init__(self, weights: WeightManager, catalog: ModelCatalog, busy: set[str]) -> None:
-        self._weights = weights
+    def __init__(self, weights: WeightManager, catalog: ModelCatalog) -> None:
         self._catalog = catalog
         stats = weights.stats()
         names = set(stats.device.per_model) | set(stats.host.per_model)  # every model holding bytes
@@ -72,7 +65,7 @@ class _Tiers:
         self.resident = frozenset(m for m, r in where.items() if r.on_device)
         self.loading = frozenset(m for m, r in where.items() if r.loading)
         self.host = frozenset(m for m, r in where.items() if r.on_host)
-        self.busy = frozenset(busy)
+        self.busy: frozenset[str] = frozenset()  # the worker schedules only between steps
         self.device_budget = stats.device.budget_bytes
         self.device_free = stats.device.budget_bytes - stats.device.used_bytes + stats.device.free_list_bytes
 
@@ -81,206 +74,280 @@ class _Tiers:
 
 
 class Worker:
-    """Runs the scheduler's steps on the real tiers and models, on one thread of its own."""
+    """Runs the scheduler's steps through the runner, on one thread of its own."""
 
     def __init__(
         self,
         scheduler: Scheduler,
+        runner: ModelRunner,
         weights: WeightManager,
         catalog: ModelCatalog,
         metrics: EngineMetrics,
-        device: torch.device,
     ) -> None:
         self._scheduler = scheduler
+        self._runner = runner
         self._weights = weights
         self._catalog = catalog
         self._metrics = metrics
-        self._device = device
-        self._inbox: queue.SimpleQueue[Request | _Control | _LoadDone | _Stop] = queue.SimpleQueue()
-        self._busy: set[str] = set()
+        self._lock = threading.Lock()  # guards the scheduler; never held while a step computes
+        self._news = threading.Event()  # the worker has something to look at
+        self._deadlines_moved = threading.Event()  # the timer should look at the next deadline again
+        self._controls: queue.SimpleQueue[_Control] = queue.SimpleQueue()
+        self._load_events: queue.SimpleQueue[MemoryEvent] = queue.SimpleQueue()
+        self._current: Step | None = None  # the step executing now
         self._published: dict[str, set[str]] = {}  # tier -> models whose resident bytes /metrics shows
         self._stopping = False
+        self._closed = False
+        self.failure: str | None = None  # why the loop stopped for good, if it did
         weights.add_listener(self._on_memory_event)
-        self._thread = threading.Thread(target=self._loop, name="ptmserve-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run_forever, name="ptmserve-worker", daemon=True)
+        self._timer = threading.Thread(target=self._watch_deadlines, name="ptmserve-deadlines", daemon=True)
         self._thread.start()
+        self._timer.start()
 
-    # -- called from any thread -----------------------------------------------------------------------
+    # -- any thread -----------------------------------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
-        self._inbox.put(request)
+    def admit(self, req: Request) -> None:
+        """Queue ``req`` now. Raises (at once, nothing queued) ``Overloaded``, ``DeadlineExceeded``,
+        ``InvalidInput`` or ``NotReady``; the refusal is counted."""
+        try:
+            with self._lock:
+                if self._stopping or self.failure is not None:
+                    raise NotReady(self.failure or "the server is shutting down")
+                self._scheduler.register(req.model, self._catalog.device_bytes(req.model))
+                self._scheduler.submit(req)
+        except DeadlineExceeded:
+            self._count(req.model, Outcome.TIMEOUT)
+            raise
+        except PtmError:
+            self._count(req.model, Outcome.REJECTED)
+            raise
+        work_of(req).future.add_done_callback(lambda f: self._cancelled(req) if f.cancelled() else None)
+        self._news.set()
+        self._deadlines_moved.set()
+
+    def drop(self, model: str, error: PtmError) -> int:
+        """Fail every queued request of ``model`` with ``error`` (it was unloaded). Returns how many."""
+        with self._lock:
+            dropped = self._scheduler.drop(model)
+        self._end_all([(r, error, Outcome.ERROR) for r in dropped])
+        return len(dropped)
 
     def control(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the worker thread between steps; its result or error comes through the future."""
         message = _Control(fn)
-        self._inbox.put(message)
+        self._controls.put(message)
+        self._news.set()
         return message.future
 
     def stop(self, timeout: float) -> bool:
-        """Finish every queued request, then stop. Returns False if that took longer than ``timeout``."""
-        self._inbox.put(_Stop())
+        """Refuse new requests, finish every admitted one, then stop. Returns False if that took longer
+        than ``timeout``."""
+        with self._lock:
+            self._stopping = True
+        self._news.set()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        done = not self._thread.is_alive()
+        self._closed = True
+        self._deadlines_moved.set()
+        return done
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
 
     # -- the worker thread ----------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        idle = False  # the last schedule ran nothing: wait for news instead of asking again at once
+    def _run_forever(self) -> None:
+        crashes: list[float] = []
         while True:
-            self._receive(wait=idle)
-            if self._stopping and not self._scheduler.pending():
+            try:
+                self._loop()
                 return
-            step = self._scheduler.schedule(_Tiers(self._weights, self._catalog, self._busy))
-            idle = step is None or (step.model is None and not step.expired)
+            except BaseException as exc:  # noqa: BLE001 - the loop must not die silently
+                logger.exception("the step loop crashed")
+                self._recover()
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < 60.0] + [now]
+                if len(crashes) >= _MAX_CRASHES:
+                    self.failure = f"the step loop crashed {len(crashes)} times in a minute: {exc!r}"
+                    logger.critical("%s; the engine stops serving", self.failure)
+                    with self._lock:
+                        dropped = self._scheduler.drop()
+                    self._end_all([(r, NotReady(self.failure), Outcome.ERROR) for r in dropped])
+                    return
+                logger.warning("restarting the step loop")
+
+    def _loop(self) -> None:
+        while True:
+            self._news.clear()
+            self._run_controls()
+            step, endings, stop = self._next_step()
+            self._end_all(endings)
+            if stop:
+                return
             if step is None:
                 continue
-            try:
-                self._run(step)
-            except Exception:  # a bug: answer the batch, keep serving
-                logger.exception("step %d on %s failed", step.seq, step.model)
-                for r in step.batch:
-                    self._fail(r, PtmError("internal error"), Outcome.ERROR)
-                self._scheduler.on_step_done(step, 0.0, ok=False)
+            self._current = step
+            output = self._runner.execute(step)
+            self._complete(step, output)
+            self._current = None
 
-    def _receive(self, *, wait: bool) -> None:
-        """Take every message waiting. With ``wait``, first block until a message arrives (a request, a
-        load ending) or until the scheduler wants to be asked again (``wake_at``)."""
-        timeout: float | None = 0.0
-        if wait:
-            wake = self._scheduler.wake_at()
-            timeout = None if wake is None else min(_MAX_IDLE_S, max(0.0, wake - self._scheduler.clock()))
+    def _run_controls(self) -> None:
         while True:
             try:
-                message = self._inbox.get(timeout=timeout) if timeout != 0.0 else self._inbox.get_nowait()
+                message = self._controls.get_nowait()
             except queue.Empty:
                 return
-            timeout = 0.0
-            self._handle(message)
-
-    def _handle(self, message: Request | _Control | _LoadDone | _Stop) -> None:
-        if isinstance(message, _Stop):
-            self._stopping = True
-        elif isinstance(message, _LoadDone):
-            e = message.event
-            self._scheduler.on_load_done(e.model, e.seconds, e.nbytes, ok=e.kind == "load")
-        elif isinstance(message, _Control):
             try:
                 message.future.set_result(message.fn())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 message.future.set_exception(exc)
-        else:
+
+    def _next_step(self) -> tuple[Step | None, list[Ending], bool]:
+        """The next step to execute (None: nothing now, after waiting for news), what to fail, and
+        whether to stop."""
+        wait: float | None = None
+        with self._lock:
+            self._absorb_load_events()
+            if self._stopping and not self._scheduler.pending():
+                return None, [], True
             try:
-                self._scheduler.register(message.model, self._catalog.device_bytes(message.model))
-                self._scheduler.submit(message)
-            except DeadlineExceeded as exc:
-                self._fail(message, exc, Outcome.TIMEOUT)
-            except (Overloaded, InvalidInput) as exc:
-                self._fail(message, exc, Outcome.REJECTED)
-            except PtmError as exc:  # e.g. the model was removed from the repository meanwhile
-                self._fail(message, exc, Outcome.ERROR)
+                step = self._scheduler.schedule(_Tiers(self._weights, self._catalog))
+            except Exception:  # a scheduling bug would repeat forever: fail what was queued instead
+                logger.exception("scheduling failed; failing the queued requests")
+                error = PtmError("internal error while scheduling this request; see the server log")
+                return None, [(r, error, Outcome.ERROR) for r in self._scheduler.drop()], False
+            endings: list[Ending] = []
+            if step is not None:
+                late = DeadlineExceeded("the request could not finish before its deadline")
+                endings = [(r, late, Outcome.TIMEOUT) for r in step.expired]
+                if step.model is not None:
+                    return step, endings, False
+                wake = self._scheduler.wake_at()
+                now = self._scheduler.clock()
+                wait = _MAX_IDLE_S if wake is None else min(_MAX_IDLE_S, max(0.0, wake - now))
+        if not endings:
+            self._news.wait(wait)
+        return None, endings, False
 
-    def _run(self, step: Step) -> None:
-        for r in step.expired:
-            self._fail(
-                r, DeadlineExceeded(f"request for {r.model!r} could not finish in time"), Outcome.TIMEOUT
-            )
-        if step.model is None:  # nothing can run now (work gathering, or waiting on a load)
-            self._scheduler.on_step_done(step, 0.0)
+    def _absorb_load_events(self) -> None:
+        while True:
+            try:
+                e = self._load_events.get_nowait()
+            except queue.Empty:
+                return
+            self._scheduler.on_load_done(e.model, e.seconds, e.nbytes, ok=e.kind == "load")
+
+    def _complete(self, step: Step, output: RunnerOutput) -> None:
+        """Report ``step`` to the scheduler, keep each request's part, deliver what finished."""
+        with self._lock:
+            if output.error is not None:
+                self._scheduler.on_step_done(step, 0.0, ok=False)
+                finished: list[Request] = []
+            else:
+                finished = self._scheduler.on_step_done(step, output.exec_seconds, output.wait_seconds)
+        if output.error is not None:
+            failed = [r for r in step.batch if r.status is RequestStatus.FAILED]
+            self._end_all([(r, output.error, Outcome.ERROR) for r in failed])
             return
-        for m in step.evict:
-            self._weights.evict(m)
-        batch = [r for r in step.batch if r.payload.future.set_running_or_notify_cancel()]
+        self._publish_step(step, output)
         for r in step.batch:
-            if r.payload.future.cancelled():  # the client went away while it was queued
-                self._metrics.requests.labels(r.model, Outcome.ERROR.value).inc()
-        if not batch:
-            self._start_prefetch(step.prefetch)
-            self._scheduler.on_step_done(step, 0.0)
-            return
-        self._execute(step, batch)
+            work = work_of(r)
+            work.embeddings.append(output.embeddings[r.id])
+            if work.classify:
+                work.logits.append(output.logits[r.id])
+        for r in finished:
+            self._deliver(r)
 
-    def _execute(self, step: Step, batch: list[Request]) -> None:
+    def _deliver(self, req: Request) -> None:
+        work = work_of(req)
+        if self._scheduler.clock() > req.deadline:
+            late = DeadlineExceeded(f"request for {req.model!r} finished after its deadline")
+            self._end(req, late, Outcome.TIMEOUT)
+            return
+        embeddings = np.concatenate(work.embeddings)
+        prompt_tokens = sum(len(x) for x in work.token_ids)
+        if work.classify:
+            logits = np.concatenate(work.logits)
+            labels = self._catalog.entry(req.model).config.labels
+            names = [labels[i] for i in logits.argmax(axis=1)]
+            result: object = ClassifyResult(logits, names, prompt_tokens, embeddings)
+        else:
+            result = EmbedResult(embeddings, prompt_tokens)
+        self._end(req, result, Outcome.SUCCESS)
+
+    def _recover(self) -> None:
+        """After a crash: fail the step that was executing, so the scheduler can go on."""
+        step, self._current = self._current, None
+        if step is None:
+            return
+        with self._lock, contextlib.suppress(RuntimeError):  # RuntimeError: it was reported already
+            self._scheduler.on_step_done(step, 0.0, ok=False)
+        error = PtmError("internal error while running this request; see the server log")
+        self._end_all([(r, error, Outcome.ERROR) for r in step.batch if r.status is RequestStatus.FAILED])
+
+    # -- the deadline timer ---------------------------------------------------------------------------
+
+    def _watch_deadlines(self) -> None:
+        while not self._closed:
+            self._deadlines_moved.clear()
+            with self._lock:
+                now = self._scheduler.clock()
+                expired = self._scheduler.expire(now)
+                nxt = self._scheduler.next_deadline()
+            late = DeadlineExceeded("the request could not start before its deadline")
+            self._end_all([(r, late, Outcome.TIMEOUT) for r in expired])
+            self._deadlines_moved.wait(None if nxt is None else max(0.0, nxt - now))
+
+    # -- outcomes and metrics: the one place ----------------------------------------------------------
+
+    def _end(self, req: Request, answer: object, outcome: Outcome) -> None:
+        """Answer ``req`` with a result or an error, and count its outcome once."""
+        future = work_of(req).future
+        try:
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+        except InvalidStateError:  # the client cancelled it meanwhile; ``_cancelled`` counted it
+            return
+        self._count(req.model, outcome)
+
+    def _end_all(self, endings: list[Ending]) -> None:
+        for req, error, outcome in endings:
+            self._end(req, error, outcome)
+
+    def _cancelled(self, req: Request) -> None:
+        """The client cancelled ``req`` (or went away): free its slot now."""
+        with self._lock:
+            self._scheduler.cancel(req.id)
+        self._count(req.model, Outcome.CANCELLED)
+        self._deadlines_moved.set()
+
+    def _count(self, model: str, outcome: Outcome) -> None:
+        self._metrics.requests.labels(model, outcome.value).inc()
+
+    def _publish_step(self, step: Step, output: RunnerOutput) -> None:
         model = step.model
         assert model is not None
-        started = self._scheduler.clock()
-        for r in batch:
-            self._metrics.queue_seconds.labels(model).observe(started - r.arrival)
-        self._busy.add(model)
-        try:
-            entry = self._catalog.entry(model)
-            inputs = [ids for r in batch for ids in r.payload.token_ids]
-            classify = any(r.payload.classify for r in batch)
-            packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
-            t0 = time.perf_counter()
-            with self._weights.acquire(model) as loaded:
-                self._start_prefetch(step.prefetch)  # queued behind this step's own load
-                out = loaded.run(packed, classify=classify)
-                embeddings = out.embeddings.float().cpu().numpy()
-                logits = out.logits.float().cpu().numpy() if out.logits is not None else None
-            seconds = time.perf_counter() - t0
-        except PtmError as exc:
-            for r in batch:
-                self._fail(r, exc, Outcome.ERROR)
-            self._scheduler.on_step_done(step, 0.0, ok=False)
-            return
-        finally:
-            self._busy.discard(model)
-        self._publish_tiers()
-        self._metrics.compute_seconds.labels(model).observe(seconds)
-        self._metrics.batch_size.labels(model).observe(len(batch))
-        self._metrics.batch_tokens.labels(model).inc(step.tokens)
-        self._scheduler.on_step_done(step, seconds)
-        self._deliver(batch, embeddings, logits, entry.config.labels)
-
-    def _deliver(
-        self, batch: list[Request], embeddings: np.ndarray, logits: np.ndarray | None, labels: tuple[str, ...]
-    ) -> None:
-        now = self._scheduler.clock()
-        start = 0
-        for r in batch:
-            work: Work = r.payload  # type: ignore[assignment]
-            n = len(work.token_ids)
-            rows = slice(start, start + n)
-            start += n
-            if now > r.deadline:
-                late = DeadlineExceeded(f"request for {r.model!r} finished after its deadline")
-                self._fail(r, late, Outcome.TIMEOUT)
-                continue
-            if work.classify and logits is not None:
-                part = logits[rows]
-                result: object = ClassifyResult(
-                    part, [labels[i] for i in part.argmax(axis=1)], r.tokens, embeddings[rows]
-                )
-            else:
-                result = EmbedResult(embeddings[rows], r.tokens)
-            work.future.set_result(result)
-            self._metrics.requests.labels(r.model, Outcome.SUCCESS.value).inc()
-
-    def _publish_tiers(self) -> None:
-        """Resident bytes per tier and per model, for ``/metrics``."""
+        m = self._metrics
+        for r in step.batch:
+            if step.spans.get(r.id, (0, 0))[0] == 0:  # its first part: the time it queued
+                m.queue_seconds.labels(model).observe(step.started - r.arrival)
+        m.compute_seconds.labels(model).observe(output.exec_seconds + output.wait_seconds)
+        m.batch_size.labels(model).observe(len(step.batch))
+        m.batch_tokens.labels(model).inc(step.tokens)
         stats = self._weights.stats()
         for tier in (stats.host, stats.device):
-            self._metrics.resident_bytes.labels(tier.name).set(tier.used_bytes)
-            gone = self._published.get(tier.name, set()) - set(tier.per_model)
-            for model in gone:
-                self._metrics.model_resident_bytes.labels(model, tier.name).set(0)
-            for model, nbytes in tier.per_model.items():
-                self._metrics.model_resident_bytes.labels(model, tier.name).set(nbytes)
+            m.resident_bytes.labels(tier.name).set(tier.used_bytes)
+            for gone in self._published.get(tier.name, set()) - set(tier.per_model):
+                m.model_resident_bytes.labels(gone, tier.name).set(0)
+            for name, nbytes in tier.per_model.items():
+                m.model_resident_bytes.labels(name, tier.name).set(nbytes)
             self._published[tier.name] = set(tier.per_model)
 
-    def _start_prefetch(self, models: list[str]) -> None:
-        for m in models:
-            try:
-                self._weights.prefetch(m)
-            except PtmError as exc:
-                logger.warning("prefetch of %s skipped: %s", m, exc.message)
-
-    def _fail(self, r: Request, exc: PtmError, outcome: Outcome) -> None:
-        future: Future = r.payload.future  # type: ignore[union-attr]
-        if future.running() or future.set_running_or_notify_cancel():
-            future.set_exception(exc)
-        self._metrics.requests.labels(r.model, outcome.value).inc()
-
     def _on_memory_event(self, event: MemoryEvent) -> None:
-        """Runs on loader threads: only counters here."""
+        """Runs on loader threads: counters, and load news for the scheduler."""
         m = self._metrics
         if event.kind == "load":
             m.loaded_bytes.labels(event.model, event.tier).inc(event.nbytes)
@@ -292,4 +359,5 @@ class Worker:
         elif event.kind == "load_failed":
             logger.warning("loading %s into the %s tier failed: %s", event.model, event.tier, event.error)
         if event.kind != "evict" and event.tier == "device":
-            self._inbox.put(_LoadDone(event))
+            self._load_events.put(event)
+            self._news.set()

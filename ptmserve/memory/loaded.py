@@ -1,18 +1,18 @@
-"""What ``WeightManager.acquire`` returns: one model pinned for computing, run layer group by group."""
+"""What ``WeightManager.acquire`` returns: one model pinned for computing, run load group by group."""
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING
-
-import torch
 
 from ptmserve import errors
 from ptmserve.memory.loader import LoadJob, ModelRecord
 from ptmserve.memory.skeleton import Skeleton
 from ptmserve.models.config import Pooling
-from ptmserve.models.encoder import GROUP_EMBEDDINGS, GROUP_HEAD, Encoder, EncoderOutput
 from ptmserve.models.packed import PackedBatch
+from ptmserve.models.registry import ModelConfig
+from ptmserve.models.runner import Activations, StagedModel, StageHook, run_stages
 from ptmserve.store.manifest import ModelManifest
 
 if TYPE_CHECKING:
@@ -22,58 +22,62 @@ if TYPE_CHECKING:
 class LoadedModel:
     """A model acquired for computing; release it (or leave the ``with`` block) when done.
 
-    ``encoder`` is a skeleton bound to this model's device tensors for as long as it is acquired;
-    with pipelining its later groups may still be loading (``run`` waits per group; ``wait`` waits
-    for all).
+    ``module`` is a skeleton bound to this model's device tensors for as long as it is acquired; with
+    pipelining its later groups may still be loading (``run`` waits per group; ``wait`` waits for all).
     """
 
     def __init__(self, manager: WeightManager, record: ModelRecord, job: LoadJob, skeleton: Skeleton) -> None:
         self.name = record.name
         self.manifest: ModelManifest = record.manifest
+        self.config: ModelConfig = record.config
         self.pooling: Pooling = record.pooling  # the model's own pooling, used when run() gets none
         self._manager = manager
         self._record = record
         self._job = job
         self._skeleton: Skeleton | None = skeleton
+        self.waited_seconds = 0.0  # time ``run`` spent waiting for weights still loading
 
     @property
-    def encoder(self) -> Encoder:
+    def module(self) -> StagedModel:
         if self._skeleton is None:
             raise errors.NotReady(f"model {self.name!r} was released")
-        return self._skeleton.encoder
+        return self._skeleton.module  # type: ignore[return-value]
 
     def wait(self) -> None:
         """Block until every tensor is on the device. Raises the load's error if it failed."""
         self._job.done.wait()
 
     def run(
-        self, batch: PackedBatch, pooling: Pooling | None = None, *, classify: bool = False
-    ) -> EncoderOutput:
-        """Compute ``batch`` group by group, each as soon as its weights are on the device.
+        self,
+        batch: PackedBatch,
+        pooling: Pooling | None = None,
+        *,
+        classify: bool = False,
+        before: StageHook | None = None,
+    ) -> Activations:
+        """Compute ``batch`` stage by stage, each as soon as its load group is on the device.
 
-        Returns the same values as ``Encoder.forward`` on a freshly loaded model; logits only when
-        ``classify``.
+        Returns the same values as a plain forward of a freshly loaded model: ``embeddings``, and
+        ``logits`` only when ``classify``. ``before(group, activations)`` runs after the group's weights
+        arrived and before it computes.
 
         Raises:
             errors.InvalidInput: ``classify`` on a model without a classification head.
             errors.CorruptData / errors.NotReady: the load of this model failed.
         """
-        enc = self.encoder
-        if classify and enc.head is None:
+        if classify and not self.config.labels:
             raise errors.InvalidInput(f"model {self.name!r} has no classification head")
         job = self._job
-        with torch.inference_mode():
-            job.wait_group(GROUP_EMBEDDINGS)
-            hidden = enc.embed(batch)  # (T, H)
-            for i in range(len(enc.layers)):
-                job.wait_group(f"layers.{i}")
-                hidden = enc.run_layer(i, hidden, batch)
-            logits = None
-            if classify:
-                job.wait_group(GROUP_HEAD)
-                logits = enc.classify(hidden, batch)  # (B, C)
-            embeddings = enc.pool(hidden, batch, pooling or self.pooling)  # (B, H)
-        return EncoderOutput(embeddings=embeddings, logits=logits)
+
+        def wait_then(group: str, acts: Activations) -> None:
+            t0 = time.perf_counter()
+            job.wait_group(group)
+            self.waited_seconds += time.perf_counter() - t0
+            if before is not None:
+                before(group, acts)
+
+        stages = self.module.stages(classify=classify, pooling=pooling or self.pooling)
+        return run_stages(stages, Activations(batch), wait_then)
 
     def release(self) -> None:
         """End this acquisition; the model becomes evictable when nobody else holds it. Idempotent."""

@@ -23,7 +23,9 @@ from torch import nn
 from ptmserve import errors
 from ptmserve.memory.cache import Entry, TensorSpec
 from ptmserve.memory.copy import CopyEngine, Fence
-from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.models import registry
+from ptmserve.models.config import Pooling
+from ptmserve.models.registry import Family, ModelConfig
 from ptmserve.store import segments
 from ptmserve.store.manifest import ModelManifest, TensorEntry, torch_dtype
 from ptmserve.store.repository import Repository
@@ -37,7 +39,8 @@ class ModelRecord:
 
     name: str
     manifest: ModelManifest
-    config: EncoderConfig
+    family: Family
+    config: ModelConfig
     pooling: Pooling
     host_specs: dict[str, TensorSpec]  # tensor name -> spec in the host tier (stored dtype)
     device_specs: dict[str, TensorSpec]  # tensor name -> spec in the device tier (serve dtype)
@@ -56,10 +59,16 @@ class ModelRecord:
             held = serve_dtype if serve_dtype is not None and stored.is_floating_point else stored
             host[e.name] = TensorSpec((e.sha256, stored, e.shape), e.shape, stored)
             device[e.name] = TensorSpec((e.sha256, stored, e.shape, held), e.shape, held)
+        try:
+            family = registry.get(manifest.architecture)
+            config = family.config_from_dict(manifest.config)
+        except errors.InvalidCheckpoint as exc:
+            raise errors.CorruptData(f"model {manifest.name!r}: its stored config: {exc.message}") from None
         return cls(
             name=manifest.name,
             manifest=manifest,
-            config=EncoderConfig.from_dict(manifest.config),
+            family=family,
+            config=config,
             pooling=Pooling.from_dict(manifest.pooling),
             host_specs=host,
             device_specs=device,

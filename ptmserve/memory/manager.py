@@ -118,7 +118,7 @@ class WeightManager:
             errors.CorruptData: (unpipelined) a stored tensor of the model is missing or damaged.
         """
         record = self._record(model)
-        skeleton = self._skeletons.checkout(record.config)
+        skeleton = self._skeletons.checkout(record.family, record.config)
         try:
             if not record.checked:
                 skeleton.check(model, {n: s.shape for n, s in record.device_specs.items()})

@@ -1,16 +1,16 @@
 """Skeletons: the module structure of an architecture shape, built once, bound to weights on demand.
 
-A skeleton is an ``Encoder`` built on the meta device (no storage, no random init). Binding points each
-of its parameters at a tensor the device tier already holds (a dict assignment per parameter, no data
-copied); unbinding points them back at the meta placeholders, so a skeleton never keeps device memory
-alive after its model was released. Models with the same architecture shape (same config apart from the
-label names) share skeletons; the pool builds another skeleton of a shape only when more models of that
-shape are acquired at once than it has, so steady-state switching builds no modules.
+A skeleton is its family's module (``Family.build``) built on the meta device (no storage, no random
+init). Binding points each of its parameters at a tensor the device tier already holds (a dict
+assignment per parameter, no data copied); unbinding points them back at the meta placeholders, so a
+skeleton never keeps device memory alive after its model was released. Models with the same
+architecture shape (same config apart from the label names) share skeletons; the pool builds another
+skeleton of a shape only when more models of that shape are acquired at once than it has, so
+steady-state switching builds no modules.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -19,31 +19,24 @@ import torch
 from torch import nn
 
 from ptmserve import errors
-from ptmserve.models.config import EncoderConfig
-from ptmserve.models.encoder import Encoder
+from ptmserve.models.registry import Family, ModelConfig
+from ptmserve.models.runner import StagedModel
 
 logger = logging.getLogger(__name__)
 
 
-def shape_key(config: EncoderConfig) -> str:
-    """Models whose configs give the same key run on the same skeleton (label names do not matter)."""
-    data = config.to_dict()
-    data["labels"] = len(config.labels)
-    return json.dumps(data, sort_keys=True)
-
-
 class Skeleton:
-    """One meta-device ``Encoder`` and the slots its parameters live in."""
+    """One meta-device module of a family and the slots its parameters live in."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, family: Family, config: ModelConfig) -> None:
         with torch.device("meta"):
-            self.encoder = Encoder(config).eval()
-        self.key = shape_key(config)
+            self.module: nn.Module = family.build(config).eval()
+        self.key = family.shape_key(config)
         # name -> (owning module, attribute): binding is a dict store per parameter.
         self._slots: dict[str, tuple[nn.Module, str]] = {}
-        for name, _ in self.encoder.named_parameters():
+        for name, _ in self.module.named_parameters():
             owner, _, attr = name.rpartition(".")
-            self._slots[name] = (self.encoder.get_submodule(owner), attr)
+            self._slots[name] = (self.module.get_submodule(owner), attr)
         self._meta = {name: mod._parameters[attr] for name, (mod, attr) in self._slots.items()}
         self.shapes = {name: tuple(p.shape) for name, p in self._meta.items()}
         self.bound_to: str | None = None
@@ -59,12 +52,12 @@ class Skeleton:
                 f"unexpected {unexpected}, wrong shapes {wrong}"
             )
 
-    def bind(self, model: str, params: Mapping[str, nn.Parameter]) -> Encoder:
+    def bind(self, model: str, params: Mapping[str, nn.Parameter]) -> StagedModel:
         """Point every parameter at ``params[name]`` (names as checked by ``check``)."""
         for name, (module, attr) in self._slots.items():
             module._parameters[attr] = params[name]
         self.bound_to = model
-        return self.encoder
+        return self.module  # type: ignore[return-value]
 
     def unbind(self) -> None:
         """Point every parameter back at its meta placeholder."""
@@ -81,16 +74,16 @@ class SkeletonPool:
         self._free: dict[str, list[Skeleton]] = {}
         self.built = 0  # skeletons ever constructed
 
-    def checkout(self, config: EncoderConfig) -> Skeleton:
+    def checkout(self, family: Family, config: ModelConfig) -> Skeleton:
         """A free skeleton of ``config``'s shape, built (on the meta device) only if none is free."""
-        key = shape_key(config)
+        key = family.shape_key(config)
         with self._lock:
             free = self._free.get(key)
             if free:
                 return free.pop()
             self.built += 1
         logger.debug("building a skeleton for %s", key)
-        return Skeleton(config)
+        return Skeleton(family, config)
 
     def checkin(self, skeleton: Skeleton) -> None:
         """Unbind ``skeleton`` and make it available again."""

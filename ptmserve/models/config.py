@@ -12,7 +12,7 @@ from typing import Any
 
 from ptmserve.errors import InvalidCheckpoint
 
-FAMILIES = ("bert", "roberta", "distilbert")
+FAMILIES = ("bert", "roberta", "distilbert")  # the encoder variants ``encoder.Encoder`` implements
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 POOLING_MODES = ("mean", "cls")
 
@@ -70,6 +70,11 @@ class EncoderConfig:
         if problems:
             raise InvalidCheckpoint("invalid encoder config: " + "; ".join(problems))
         object.__setattr__(self, "labels", tuple(self.labels))
+
+    @property
+    def architecture(self) -> str:
+        """The registry name of this config's family."""
+        return self.family
 
     @property
     def head_dim(self) -> int:

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmserve.errors import InvalidCheckpoint
+from ptmserve.errors import InvalidInput
 from ptmserve.models.config import EncoderConfig, Pooling
 from ptmserve.models.packed import PackedBatch
+from ptmserve.models.registry import check_tensors
+from ptmserve.models.runner import Activations, Stage, run_stages
 
 GROUP_EMBEDDINGS = "embeddings"
 GROUP_HEAD = "head"
+STAGE_POOL = "pool"  # pooling needs no weights: no load group has this name
 
 
 @dataclass(slots=True)
@@ -36,19 +40,6 @@ class EncoderOutput:
 
     embeddings: torch.Tensor  # (B, H) pooled (and normalised if the pooling says so)
     logits: torch.Tensor | None  # (B, C) when the model has a classification head, else None
-
-
-def group_of(param_name: str) -> str:
-    """The group a parameter belongs to: ``"embeddings"``, ``"layers.{i}"`` or ``"head"``."""
-    first, _, rest = param_name.partition(".")
-    if first == "layers":
-        index = rest.partition(".")[0]
-        if not index.isdigit():
-            raise ValueError(f"parameter name {param_name!r} has no layer index")
-        return f"layers.{index}"
-    if first in (GROUP_EMBEDDINGS, GROUP_HEAD):
-        return first
-    raise ValueError(f"parameter name {param_name!r} belongs to no group")
 
 
 def group_names_for(config: EncoderConfig) -> list[str]:
@@ -132,7 +123,7 @@ class Encoder(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config)
-        check_tensors(model, tensors)
+        check_tensors(model, tensors)  # before anything is copied
         model.load_state_dict(
             {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}, assign=True
         )
@@ -173,19 +164,41 @@ class Encoder(nn.Module):
     def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Float32 logits ``(B, C)`` from each sequence's first token, as HF's classification head."""
         if self.head is None:
-            raise ValueError("this encoder has no classification head (its config has no labels)")
+            raise InvalidInput("this model has no classification head (its config has no labels)")
         first = hidden[batch.cu_seqlens[:-1].long()]  # (B, H)
         x = self.head.dense(first)
         x = F.relu(x) if self.config.family == "distilbert" else torch.tanh(x)
         return self.head.out(x).float()  # (B, C)
 
+    def stages(self, *, classify: bool, pooling: Pooling) -> list[Stage]:
+        """One stage per load group (``embeddings``, ``layers.{i}``, ``head`` when ``classify``), then
+        pooling, which needs no weights."""
+        stages = [Stage(GROUP_EMBEDDINGS, self._embed_stage)]
+        stages += [Stage(f"layers.{i}", partial(self._layer_stage, i)) for i in range(self.config.num_layers)]
+        if classify:
+            if self.head is None:
+                raise InvalidInput("this model has no classification head (its config has no labels)")
+            stages.append(Stage(GROUP_HEAD, self._head_stage))
+        stages.append(Stage(STAGE_POOL, partial(self._pool_stage, pooling)))
+        return stages
+
+    def _embed_stage(self, acts: Activations) -> None:
+        acts.hidden = self.embed(acts.batch)
+
+    def _layer_stage(self, i: int, acts: Activations) -> None:
+        acts.hidden = self.run_layer(i, acts.hidden, acts.batch)
+
+    def _head_stage(self, acts: Activations) -> None:
+        acts.logits = self.classify(acts.hidden, acts.batch)
+
+    def _pool_stage(self, pooling: Pooling, acts: Activations) -> None:
+        acts.embeddings = self.pool(acts.hidden, acts.batch, pooling)
+
     def forward(self, batch: PackedBatch, pooling: Pooling) -> EncoderOutput:
         """Embeddings (and logits when the model has a head) of every sequence in ``batch``."""
-        hidden = self.embed(batch)
-        for i in range(self.config.num_layers):
-            hidden = self.run_layer(i, hidden, batch)
-        logits = self.classify(hidden, batch) if self.head is not None else None
-        return EncoderOutput(embeddings=self.pool(hidden, batch, pooling), logits=logits)
+        acts = run_stages(self.stages(classify=self.head is not None, pooling=pooling), Activations(batch))
+        assert acts.embeddings is not None
+        return EncoderOutput(embeddings=acts.embeddings, logits=acts.logits)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -217,24 +230,3 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (n, nh, W, d)
         outs.append(o.transpose(1, 2).reshape(n * w, nh * d))  # (n * W, H)
     return torch.cat(outs).index_select(0, plan.unpad)  # (T, H)
-
-
-def check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Assert ``tensors`` has exactly ``model``'s parameter names and shapes.
-
-    Raises:
-        InvalidCheckpoint: listing missing, unexpected and mis-shaped names.
-    """
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        f"{n}: {tuple(tensors[n].shape)} != {expected[n]}"
-        for n in set(expected) & set(tensors)
-        if tuple(tensors[n].shape) != expected[n]
-    )
-    if missing or unexpected or wrong:
-        raise InvalidCheckpoint(
-            f"tensors do not match the encoder: missing {missing}, unexpected {unexpected}, "
-            f"wrong shapes {wrong}"
-        )

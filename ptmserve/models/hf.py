@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ptmserve.errors import InvalidCheckpoint
-from ptmserve.models.config import EncoderConfig, Pooling
-from ptmserve.models.encoder import Encoder, check_tensors
-from ptmserve.models.names import translate_names
+from ptmserve.models import registry
+from ptmserve.models.config import Pooling
+from ptmserve.models.registry import Family, ModelConfig, check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ _ST_NORMALIZE = "sentence_transformers.models.Normalize"
 class Checkpoint:
     """A checkpoint read into our names, ready to import or to run."""
 
-    config: EncoderConfig
+    architecture: str  # the registry name of its family
+    config: ModelConfig
     pooling: Pooling
     max_length: int  # truncation length in tokens, special tokens included
     tensors: dict[str, torch.Tensor]  # our parameter names -> CPU tensors in the stored dtype
@@ -53,13 +54,18 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidCheckpoint(f"checkpoint folder {str(folder)!r} does not exist")
-    config = EncoderConfig.from_hf(_read_json(folder / "config.json"))
+    config_json = _read_json(folder / "config.json")
+    if not isinstance(config_json, dict):
+        raise InvalidCheckpoint(f"{str(folder / 'config.json')!r} does not hold a JSON object")
+    family = registry.for_hf(config_json)
+    config = family.config_from_hf(config_json)
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise InvalidCheckpoint(f"{str(folder)!r} has no tokenizer.json (the fast tokenizer file)")
-    tensors = _translate(config, _load_weights(folder))
+    tensors = _translate(family, config, _load_weights(folder))
     pooling, max_length = _sentence_transformers(folder, config)
     return Checkpoint(
+        architecture=family.name,
         config=config,
         pooling=pooling,
         max_length=max_length,
@@ -104,23 +110,15 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _translate(config: EncoderConfig, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    tr = translate_names(config.family, raw, with_head=bool(config.labels))
-    if tr.unexpected or tr.duplicates:
-        raise InvalidCheckpoint(
-            f"checkpoint keys that a {config.family} model does not have: unexpected {tr.unexpected}, "
-            f"duplicated {tr.duplicates}"
-        )
-    if tr.ignored:
-        log.debug("ignoring %d unused checkpoint keys: %s", len(tr.ignored), tr.ignored)
-    tensors = {ours: raw[theirs].contiguous() for theirs, ours in tr.names.items()}
+def _translate(family: Family, config: ModelConfig, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = family.names.convert(raw, with_head=bool(config.labels), family=family.name)
     with torch.device("meta"):
-        skeleton = Encoder(config)
+        skeleton = family.build(config)
     check_tensors(skeleton, tensors)  # missing keys and wrong shapes, before anything is copied
     return tensors
 
 
-def _sentence_transformers(folder: Path, config: EncoderConfig) -> tuple[Pooling, int]:
+def _sentence_transformers(folder: Path, config: ModelConfig) -> tuple[Pooling, int]:
     """Pooling and truncation length from the sentence-transformers files (defaults without them)."""
     max_length = config.max_tokens
     if (folder / "sentence_bert_config.json").is_file():

@@ -39,7 +39,8 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         errors.InvalidInput: bad name or dtype.
         errors.InvalidCheckpoint: the folder cannot be read as a supported checkpoint.
     """
-    from ptmserve.models.hf import read_checkpoint  # heavy import, only needed here
+    from ptmserve.models import registry  # heavy imports, only needed here
+    from ptmserve.models.hf import read_checkpoint
 
     validate_name(name)
     if dtype not in IMPORT_DTYPES:
@@ -57,8 +58,10 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         tokenizer_json=bytes(ckpt.tokenizer_json),
         dtype=target,
         tensors=tensors,
-        max_length=getattr(ckpt, "max_length", None),
+        max_length=ckpt.max_length,
         progress=_progress_logger(name),
+        architecture=ckpt.architecture,
+        group_order=registry.get(ckpt.architecture).group_names(ckpt.config),
     )
     logger.info(
         "imported %s from %s as %s: %d tensors, %.1f MB in %.2f s",

@@ -82,7 +82,7 @@ def torch_dtype(name: str) -> torch.dtype:
         raise errors.InvalidInput(f"unknown dtype {name!r}; known: {sorted(_TORCH_DTYPES)}") from None
 
 
-def group_of(tensor_name: str) -> str:
+def tensor_group(tensor_name: str) -> str:
     """The layer group a tensor belongs to: ``layers.{i}`` for layer tensors, else its first name part.
 
     Raises:
@@ -141,7 +141,7 @@ class TensorEntry:
 
     @property
     def group(self) -> str:
-        return group_of(self.name)
+        return tensor_group(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +149,14 @@ class ModelManifest:
     """Everything stored about one model. Immutable; a re-import produces a new manifest."""
 
     name: str
-    config: dict[str, Any]  # EncoderConfig.to_dict()
+    config: dict[str, Any]  # the family's config, ``config.to_dict()``
     pooling: dict[str, Any]
     tokenizer_json: bytes  # the tokenizer.json file, verified against ``tokenizer.sha256``
     tokenizer: BlobRef
     dtype: str  # one of MODEL_DTYPES
     groups: dict[str, tuple[TensorEntry, ...]]  # in execution order
     max_length: int | None = None  # truncation length in tokens (specials included); None: the config's
+    architecture: str = ""  # the registry name of its family (``models.registry``)
 
     def group_names(self) -> list[str]:
         """The layer groups in execution order (``embeddings``, ``layers.0`` ... , ``head``)."""
@@ -197,6 +198,7 @@ def manifest_to_json(m: ModelManifest | ManifestDoc) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "name": m.name,
+        "architecture": m.architecture,
         "dtype": m.dtype,
         "config": m.config,
         "pooling": m.pooling,
@@ -234,6 +236,7 @@ class ManifestDoc:
     dtype: str
     groups: dict[str, tuple[TensorEntry, ...]]
     max_length: int | None = None
+    architecture: str = ""
 
     @property
     def tensors(self) -> tuple[TensorEntry, ...]:
@@ -249,6 +252,7 @@ class ManifestDoc:
             self.dtype,
             self.groups,
             self.max_length,
+            self.architecture,
         )
 
 
@@ -257,7 +261,7 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
 
     Args:
         doc: the decoded JSON.
-        where: the file it came from, for error messages.
+        where: which manifest, for error messages (``"of model 'x'"``); never a server path.
 
     Raises:
         errors.CorruptData: the document is not a well-formed manifest of a known format.
@@ -279,11 +283,22 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
         max_length = doc.get("max_length")
         if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
             raise ValueError(f"bad max_length {max_length!r}")
+        # Manifests written before the registry have no architecture: theirs is the config's family.
+        architecture = doc.get("architecture") or doc["config"].get("family")
+        if not isinstance(architecture, str) or not architecture:
+            raise ValueError(f"bad architecture {architecture!r}")
         return ManifestDoc(
-            name, doc["config"], dict(doc["pooling"]), tokenizer, doc["dtype"], groups, max_length
+            name,
+            doc["config"],
+            dict(doc["pooling"]),
+            tokenizer,
+            doc["dtype"],
+            groups,
+            max_length,
+            architecture,
         )
     except (KeyError, TypeError, ValueError, errors.InvalidInput) as exc:
-        raise errors.CorruptData(f"manifest {where} is malformed: {exc}") from None
+        raise errors.CorruptData(f"the manifest {where} is malformed: {exc}") from None
 
 
 def _seg(text: Any) -> str:

@@ -223,6 +223,8 @@ class Repository:
         tensors: Mapping[str, torch.Tensor],
         max_length: int | None = None,
         progress: writer.ProgressFn | None = None,
+        architecture: str = "",
+        group_order: Sequence[str] = (),
     ) -> ModelManifest:
         """Store a model atomically, replacing any model of the same name.
 
@@ -231,12 +233,14 @@ class Repository:
 
         Args:
             name: model name (``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``).
-            config: architecture config, ``EncoderConfig.to_dict()``.
+            config: the architecture's config, ``config.to_dict()`` of its family's config type.
+            architecture: the registry name of the model's family (``models.registry``).
             pooling: pooling settings (JSON-serialisable).
             tokenizer_json: the bytes of tokenizer.json.
             dtype: the model's dtype: "float32", "bfloat16" or "float16".
             tensors: our parameter names -> tensors (any device; the group is the name's prefix).
             max_length: truncation length in tokens, special tokens included (None: the config's).
+            group_order: the load groups in execution order (the family's); others sort by name.
             progress: called as ``progress(new_bytes_written, new_bytes_total)`` per new segment.
 
         Returns:
@@ -261,6 +265,8 @@ class Repository:
                 tensors=tensors,
                 max_length=max_length,
                 progress=progress,
+                architecture=architecture,
+                group_order=group_order,
             )
         return self.manifest(name)
 
@@ -325,10 +331,10 @@ class Repository:
         except FileNotFoundError:
             raise errors.ModelNotFound(f"model {name!r} is not in the repository") from None
         except ValueError as exc:
-            raise errors.CorruptData(f"manifest {path} is not valid JSON: {exc}") from None
-        doc = manifest_from_json(raw, str(path))
+            raise errors.CorruptData(f"the manifest of model {name!r} is not valid JSON: {exc}") from None
+        doc = manifest_from_json(raw, f"of model {name!r}")
         if doc.name != name:
-            raise errors.CorruptData(f"manifest {path} names model {doc.name!r}")
+            raise errors.CorruptData(f"the manifest of model {name!r} names model {doc.name!r}")
         return doc
 
     def _read_docs(self, names: Sequence[str]) -> tuple[dict[str, ManifestDoc], dict[str, str]]:

@@ -20,7 +20,7 @@ import torch
 
 from ptmserve import errors
 from ptmserve.store import fsio
-from ptmserve.store.manifest import TensorEntry, group_of, torch_dtype
+from ptmserve.store.manifest import TensorEntry, tensor_group, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,9 @@ def _plan_runs(entries: Sequence[TensorEntry], max_gap: int, allow_overlap: bool
 
 
 def _corrupt(model: str, e: TensorEntry, what: str, path: Path) -> errors.CorruptData:
+    # Name the segment relative to the repository: messages reach clients, server paths must not.
     return errors.CorruptData(
-        f"model {model!r} group {group_of(e.name)!r} tensor {e.name!r}: {what} ({path})"
+        f"model {model!r} group {tensor_group(e.name)!r} tensor {e.name!r}: {what} (segments/{path.name})"
     )
 
 
@@ -326,13 +327,13 @@ def read_blob(seg_dir: Path, ref: Located, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise errors.CorruptData(f"{what}: segment file is missing ({path})") from None
+        raise errors.CorruptData(f"{what}: segment file is missing (segments/{path.name})") from None
     try:
         ok = pread_exact(fd, [memoryview(buf)], ref.offset)
     finally:
         os.close(fd)
     if not ok:
-        raise errors.CorruptData(f"{what}: segment file is truncated ({path})")
+        raise errors.CorruptData(f"{what}: segment file is truncated (segments/{path.name})")
     if sha256_hex(buf) != ref.sha256:
-        raise errors.CorruptData(f"{what}: checksum mismatch ({path})")
+        raise errors.CorruptData(f"{what}: checksum mismatch (segments/{path.name})")
     return bytes(buf)

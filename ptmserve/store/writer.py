@@ -23,9 +23,9 @@ from ptmserve.store.manifest import (
     ManifestDoc,
     TensorEntry,
     dtype_name,
-    group_of,
     group_order_key,
     manifest_to_json,
+    tensor_group,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class _Placed:
     offset: int
 
 
-def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[_Item]]:
+def _prepare(tensors: Mapping[str, torch.Tensor], group_order: Sequence[str]) -> dict[str, list[_Item]]:
     if not tensors:
         raise errors.InvalidInput("a model needs at least one tensor")
     groups: dict[str, list[_Item]] = {}
@@ -62,8 +62,9 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[_Item]]:
             raise errors.InvalidInput(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
         data = segments.tensor_bytes(t)
         item = _Item(name, data, segments.sha256_hex(data), dtype_name(t.dtype), tuple(t.shape))
-        groups.setdefault(group_of(name), []).append(item)
-    return {g: groups[g] for g in sorted(groups, key=group_order_key)}
+        groups.setdefault(tensor_group(name), []).append(item)
+    rank = {g: i for i, g in enumerate(group_order)}
+    return {g: groups[g] for g in sorted(groups, key=lambda g: (rank.get(g, len(rank)), group_order_key(g)))}
 
 
 class _Reuse:
@@ -128,6 +129,8 @@ def write_model(
     tensors: Mapping[str, torch.Tensor],
     max_length: int | None = None,
     progress: ProgressFn | None = None,
+    architecture: str = "",
+    group_order: Sequence[str] = (),
 ) -> ManifestDoc:
     """Store a model's new bytes and publish its manifest (the caller holds the repository lock).
 
@@ -156,7 +159,7 @@ def write_model(
     except (TypeError, ValueError) as exc:
         raise errors.InvalidInput(f"config and pooling must be JSON-serialisable: {exc}") from None
 
-    placed, builders = _plan(_prepare(tensors), _Reuse(paths.segments, existing))
+    placed, builders = _plan(_prepare(tensors, group_order), _Reuse(paths.segments, existing))
     ids = {g: b.segment_id for g, b in builders.items()}
     total = sum(b.size for b in builders.values())
     done = 0
@@ -183,7 +186,16 @@ def write_model(
         )
         for g, ps in placed.items()
     }
-    doc = ManifestDoc(name, dict(config), dict(pooling), tokenizer, dtype, groups, max_length)
+    doc = ManifestDoc(
+        name,
+        dict(config),
+        dict(pooling),
+        tokenizer,
+        dtype,
+        groups,
+        max_length,
+        architecture or config.get("family", ""),
+    )
     body = json.dumps(manifest_to_json(doc), indent=1).encode()
     tmp = fsio.write_temp(paths.tmp, [body], suffix=".json.tmp")
     fsio.rename_durable(tmp, paths.manifest(name))

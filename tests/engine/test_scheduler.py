@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ptmserve.engine.requests import ClassDefaults, RequestClass, deadline_from, request_class
+from ptmserve.engine.requests import (
+    ClassDefaults,
+    Request,
+    RequestClass,
+    RequestStatus,
+    deadline_from,
+    request_class,
+)
 from ptmserve.engine.scheduler import StepKind
 from ptmserve.errors import DeadlineExceeded, InvalidInput, Overloaded
 from tests.engine.test_scheduler_support import (
@@ -113,16 +120,67 @@ def test_expired_requests_fail_as_timeouts_and_never_run(policy: str) -> None:
         assert len(expired) == 1
 
 
-def test_cancel_removes_only_queued_requests() -> None:
-    sched = make_scheduler()
+def test_cancel_frees_the_queue_slot_at_once_and_stops_a_running_request() -> None:
+    sched = make_scheduler(max_queue_per_model_class=2)
     r1, r2 = req("a", RT, 0.0, 5.0), req("a", RT, 0.0, 5.0)
     sched.submit(r1)
     sched.submit(r2)
-    assert sched.cancel(r1.id) is True
-    assert sched.cancel(r1.id) is False
+    assert sched.cancel(r1.id) is r1 and r1.status is RequestStatus.CANCELLED
+    assert sched.cancel(r1.id) is None
+    sched.submit(req("a", RT, 0.0, 5.0))  # the cancelled request's slot is free again
     step = sched.schedule(FakeTiers(slots=1, resident=["a"]).view())
-    assert step is not None and [r.id for r in step.batch] == [r2.id]
-    assert sched.cancel(r2.id) is False  # already handed out
+    assert step is not None and step.batch[0] is r2 and r2.status is RequestStatus.RUNNING
+    assert r2.id in sched.running
+    assert sched.cancel(r2.id) is r2  # running: it will not be continued or delivered
+    assert r2 not in sched.on_step_done(step, 0.01)
+    assert r2.status is RequestStatus.CANCELLED and r2.id not in sched.running
+
+
+def test_a_request_over_the_token_limit_runs_a_part_per_step_and_others_run_between() -> None:
+    clock = FakeClock()
+    sched = make_scheduler("edf-lru", clock=clock, max_batch_tokens=100)
+    big = Request(900_001, "a", BATCH, 0.0, 100.0, 250, inputs=(60, 60, 60, 70))
+    sched.submit(big)
+    tiers = FakeTiers(slots=2, resident=["a", "b"])
+    step = sched.schedule(tiers.view())
+    assert step.batch == [big] and step.spans[big.id] == (0, 1) and step.tokens == 60
+    assert sched.on_step_done(step, 0.01) == []  # back in its queue, still running
+    assert big.status is RequestStatus.RUNNING and big.done_inputs == 1 and big.tokens == 190
+    small = req("b", RT, 0.0, 5.0)
+    sched.submit(small)
+    step = sched.schedule(tiers.view())
+    assert step.batch == [small]  # real-time work of another model runs between the parts
+    assert sched.on_step_done(step, 0.01) == [small] and small.status is RequestStatus.FINISHED
+    spans = []
+    while sched.pending():
+        step = sched.schedule(tiers.view())
+        spans.append(step.spans[big.id])
+        done = sched.on_step_done(step, 0.01)
+    assert spans == [(1, 2), (2, 3), (3, 4)] and done == [big]
+    assert big.status is RequestStatus.FINISHED and not sched.running
+
+
+def test_expire_takes_late_queued_requests_out_at_once() -> None:
+    clock = FakeClock()
+    sched = make_scheduler(clock=clock)
+    early, late = req("a", RT, 0.0, 0.2), req("a", RT, 0.0, 5.0)
+    sched.submit(early)
+    sched.submit(late)
+    assert sched.next_deadline() == pytest.approx(0.2)
+    assert sched.expire() == []
+    clock.t = 0.25
+    assert sched.expire() == [early] and early.status is RequestStatus.TIMED_OUT
+    assert sched.pending() == 1 and sched.next_deadline() == pytest.approx(5.0)
+
+
+def test_drop_fails_the_queued_requests_of_one_model() -> None:
+    sched = make_scheduler()
+    a, b = req("a", RT, 0.0, 5.0), req("b", BATCH, 0.0, 5.0)
+    sched.submit(a)
+    sched.submit(b)
+    assert sched.drop("a") == [a] and a.status is RequestStatus.FAILED
+    assert sched.pending() == 1
+    assert sched.drop() == [b]
 
 
 def test_one_step_at_a_time() -> None:

@@ -9,7 +9,8 @@ from ptmserve.errors import CorruptData
 from ptmserve.memory.cache import TensorCache, TensorSpec
 from ptmserve.memory.copy import Fence, ThreadCopyEngine
 from ptmserve.memory.policy import LruPolicy
-from ptmserve.memory.skeleton import SkeletonPool, shape_key
+from ptmserve.memory.skeleton import SkeletonPool
+from ptmserve.models import registry
 
 from .helpers import tiny_config
 
@@ -127,17 +128,18 @@ def test_skeletons_are_built_once_per_shape_and_unbound_on_checkin() -> None:
     pool = SkeletonPool()
     cfg = tiny_config(labels=("x", "y"))
     same_shape = tiny_config(labels=("p", "q"))
-    assert shape_key(cfg) == shape_key(same_shape)
-    assert shape_key(cfg) != shape_key(tiny_config(labels=("a", "b", "c")))
-    sk = pool.checkout(cfg)
+    bert = registry.get("bert")
+    assert bert.shape_key(cfg) == bert.shape_key(same_shape)
+    assert bert.shape_key(cfg) != bert.shape_key(tiny_config(labels=("a", "b", "c")))
+    sk = pool.checkout(bert, cfg)
     params = {n: torch.nn.Parameter(torch.ones(s), requires_grad=False) for n, s in sk.shapes.items()}
     enc = sk.bind("m", params)
     assert enc.layers[0].q.weight is params["layers.0.q.weight"]
     pool.checkin(sk)
     assert enc.layers[0].q.weight.is_meta
-    again = pool.checkout(same_shape)
+    again = pool.checkout(bert, same_shape)
     assert again is sk and pool.built == 1
-    other = pool.checkout(cfg)  # both checked out at once: a second one is built
+    other = pool.checkout(bert, cfg)  # both checked out at once: a second one is built
     assert other is not sk and pool.built == 2
     with pytest.raises(CorruptData, match="missing"):
         sk.check("m", {n: s for n, s in sk.shapes.items() if not n.startswith("head")})

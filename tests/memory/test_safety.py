@@ -168,7 +168,7 @@ def test_pipelined_compute_starts_before_later_layers_are_read(repo, make_manage
     m._repo = gated
     b0 = batch()
     with m.acquire("m") as loaded:
-        enc = loaded.encoder
+        enc = loaded.module
         computed = enc.run_layer
 
         def run_layer(i: int, hidden: torch.Tensor, b) -> torch.Tensor:  # noqa: ANN001

@@ -117,9 +117,9 @@ def test_loaded_model_exposes_a_bound_encoder_until_released(repo, make_manager)
     m = make_manager()
     with m.acquire("m") as loaded:
         loaded.wait()
-        assert torch.equal(loaded.encoder.layers[1].up.weight, tensors["layers.1.up.weight"])
+        assert torch.equal(loaded.module.layers[1].up.weight, tensors["layers.1.up.weight"])
         assert loaded.manifest.name == "m"
-        enc = loaded.encoder
+        enc = loaded.module
     assert enc.layers[1].up.weight.is_meta  # unbound: holds no device memory
 
 

@@ -25,7 +25,7 @@ def test_zero_copy_switches_are_bit_identical_and_hold_each_byte_once(repo, make
     assert m.residency("b") == Residency(False, False, False)
     with m.acquire("a") as loaded:
         assert (
-            loaded.encoder.layers[0].q.weight.data_ptr()
+            loaded.module.layers[0].q.weight.data_ptr()
             == m._host.entries_of("a")[m._models["a"].host_specs["layers.0.q.weight"].key].tensor.data_ptr()
         )
 

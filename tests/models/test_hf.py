@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptmserve.errors import InvalidCheckpoint
+from ptmserve.models import registry
 from ptmserve.models.config import Pooling
 from ptmserve.models.hf import read_checkpoint
-from ptmserve.models.names import translate_names
 from tests.models.tiny import make_tiny_checkpoint
 
 
@@ -128,8 +128,7 @@ def test_mlm_checkpoint_with_prefix_and_legacy_names(tiny_checkpoint, tmp_path):
 
 
 def test_translation_reports_ignored_and_duplicates():
-    tr = translate_names(
-        "roberta",
+    tr = registry.get("roberta").names.translate(
         [
             "roberta.pooler.dense.weight",
             "lm_head.bias",

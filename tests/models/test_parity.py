@@ -107,14 +107,17 @@ def test_parameters_read_at_call_time(tiny_checkpoint):
     assert (before - after).abs().max().item() > 1e-3
 
 
-def test_group_names_and_group_of(tiny_checkpoint):
+def test_group_names_and_tensor_group(tiny_checkpoint):
+    from ptmserve.errors import InvalidInput
+    from ptmserve.models import registry
+    from ptmserve.store.manifest import tensor_group
+
     ck = read_checkpoint(tiny_checkpoint("distilbert", True))
     model = Encoder.from_tensors(ck.config, ck.tensors)
     assert model.group_names() == ["embeddings", "layers.0", "layers.1", "head"]
-    from ptmserve.models.encoder import group_of
-
-    groups = {group_of(name) for name, _ in model.named_parameters()}
+    assert registry.get(ck.architecture).group_names(ck.config) == model.group_names()
+    groups = {tensor_group(name) for name, _ in model.named_parameters()}
     assert groups == set(model.group_names())
-    assert group_of("layers.12.q.weight") == "layers.12"
-    with pytest.raises(ValueError):
-        group_of("encoder.layer.0.x")
+    assert tensor_group("layers.12.q.weight") == "layers.12"
+    with pytest.raises(InvalidInput):
+        tensor_group("layers.x.q")

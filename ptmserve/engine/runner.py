@@ -1,0 +1,139 @@
+"""The runner seam: ``ModelRunner.execute(step) -> RunnerOutput``, the only place that touches models.
+
+The step loop hands the runner a scheduled step; the runner makes the step's memory moves (evictions,
+the demand load, prefetches), packs the step's inputs without padding, runs them through the model
+group by group, and gives back one block of rows per request. It never touches the scheduler or a
+request's future, so the loop, the simulator and tests can drive it alike (nano-vllm's ``ModelRunner``,
+TEI's backends).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.requests import Request
+from ptmserve.engine.scheduler import Step
+from ptmserve.errors import NotReady, PtmError
+from ptmserve.memory.manager import WeightManager
+from ptmserve.models.packed import pack
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """What the engine keeps in ``Request.payload``: the inputs, the parts computed so far, and where
+    the answer goes."""
+
+    token_ids: list[list[int]]
+    classify: bool  # the client asked for logits (classification)
+    future: Future = field(default_factory=Future)
+    embeddings: list[np.ndarray] = field(default_factory=list)  # (n, H) per computed part, in order
+    logits: list[np.ndarray] = field(default_factory=list)  # (n, C) per computed part, when classify
+
+
+def work_of(req: Request) -> Work:
+    """The engine's payload of ``req``."""
+    work = req.payload
+    if not isinstance(work, Work):
+        raise TypeError(f"request {req.id} carries no Work")
+    return work
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What one step produced."""
+
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, H) rows of its span
+    logits: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, C), when it classifies
+    exec_seconds: float = 0.0  # time the model computed, not counting waits for its weights
+    wait_seconds: float = 0.0  # time compute waited for weights still loading (a demand load)
+    error: PtmError | None = None  # the step failed; every request of it fails with this
+
+
+class ModelRunner:
+    """Runs scheduled steps on the weight manager's models.
+
+    Args:
+        weights: the weight tiers.
+        catalog: model configs (for packing).
+        device: where batches compute.
+        servable: whether a model may run or be prefetched now (explicit model control unloads models).
+    """
+
+    def __init__(
+        self,
+        weights: WeightManager,
+        catalog: ModelCatalog,
+        device: torch.device,
+        servable: Callable[[str], bool] = lambda model: True,
+    ) -> None:
+        self._weights = weights
+        self._catalog = catalog
+        self._device = device
+        self._servable = servable
+
+    def execute(self, step: Step) -> RunnerOutput:
+        """Run ``step``: evictions, then its batch (loading the model if needed), with its prefetches
+        started behind the load. A failure is returned in ``error``, never raised."""
+        for model in step.evict:
+            self._weights.evict(model)
+        if step.model is None or not step.batch:
+            self._prefetch(step.prefetch)
+            return RunnerOutput()
+        try:
+            return self._run(step)
+        except PtmError as exc:
+            return RunnerOutput(error=exc)
+        except Exception:  # a bug: fail this step's requests clearly, keep serving
+            logger.exception("step %d on model %s failed", step.seq, step.model)
+            return RunnerOutput(error=PtmError(f"internal error while running model {step.model!r}"))
+
+    def _run(self, step: Step) -> RunnerOutput:
+        model = step.model
+        assert model is not None
+        if not self._servable(model):
+            raise NotReady(f"model {model!r} is not loaded")
+        entry = self._catalog.entry(model)
+        rows: list[tuple[int, int]] = []  # (request id, inputs in this step), in batch order
+        inputs: list[list[int]] = []
+        for r in step.batch:
+            start, end = step.spans.get(r.id, (0, len(work_of(r).token_ids)))
+            inputs.extend(work_of(r).token_ids[start:end])
+            rows.append((r.id, end - start))
+        classify = any(work_of(r).classify for r in step.batch)
+        packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
+        t0 = time.perf_counter()
+        with self._weights.acquire(model) as loaded:
+            self._prefetch(step.prefetch)  # queued behind this step's own load
+            acts = loaded.run(packed, classify=classify)
+            assert acts.embeddings is not None
+            embeddings = acts.embeddings.float().cpu().numpy()
+            logits = acts.logits.float().cpu().numpy() if acts.logits is not None else None
+            waited = loaded.waited_seconds
+        total = time.perf_counter() - t0
+        out = RunnerOutput(exec_seconds=max(0.0, total - waited), wait_seconds=waited)
+        start = 0
+        for request_id, n in rows:
+            out.embeddings[request_id] = embeddings[start : start + n]
+            if logits is not None:
+                out.logits[request_id] = logits[start : start + n]
+            start += n
+        return out
+
+    def _prefetch(self, models: list[str]) -> None:
+        for m in models:
+            if not self._servable(m):
+                continue
+            try:
+                self._weights.prefetch(m)
+            except PtmError as exc:
+                logger.warning("prefetch of %s skipped: %s", m, exc.message)

@@ -1,0 +1,55 @@
+"""The one group-by-group runner: a model runs a batch as a list of stages, one per load group.
+
+Plain forwards call ``run_stages`` without a hook. Pipelined loading passes a hook that waits for the
+group's weights just before it computes; early exits (later) pass one that takes finished rows out of
+the batch. No model repeats this loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ptmserve.models.packed import PackedBatch
+
+
+@dataclass(slots=True)
+class Activations:
+    """What flows through the stages of one batch of B inputs (T tokens)."""
+
+    batch: PackedBatch
+    hidden: torch.Tensor | None = None  # (T, H) token states between stages
+    embeddings: torch.Tensor | None = None  # (B, H) float32 pooled, set by the last stage
+    logits: torch.Tensor | None = None  # (B, C) float32, set by the head stage when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One step of a forward pass: ``run`` needs the weights of load group ``group``."""
+
+    group: str  # a load group name; stages that need no weights name a group the model does not have
+    run: Callable[[Activations], None]  # reads and updates the activations in place
+
+
+# hook(group, activations) runs before each stage: the pipelining wait, or an early exit.
+StageHook = Callable[[str, Activations], None]
+
+
+class StagedModel(Protocol):
+    """What ``Family.build`` returns: a module that splits a forward pass into stages."""
+
+    def stages(self, *, classify: bool, pooling: object) -> Sequence[Stage]:
+        """The stages of one forward pass, in order; logits only when ``classify``."""
+
+
+def run_stages(stages: Sequence[Stage], acts: Activations, before: StageHook | None = None) -> Activations:
+    """Run ``stages`` over ``acts``, calling ``before(stage.group, acts)`` ahead of each one."""
+    with torch.inference_mode():
+        for stage in stages:
+            if before is not None:
+                before(stage.group, acts)
+            stage.run(acts)
+    return acts
