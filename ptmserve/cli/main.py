@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ptmserve.errors import PtmError
+
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 BENCHES = {
     "encoder": "useful tokens/s of the packed encoder vs transformers, and share of the matmul peak",
@@ -63,18 +65,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     repo = Repository(args.repo)
     usage = repo.usage()
-    if not usage.models:
+    if not usage.models and not usage.unreadable:
         print(f"no models in {args.repo}")
         return 0
     print(f"{'model':<32} {'dtype':<9} {'tensors':>7} {'size':>11} {'shared':>11}")
     for m in usage.models:
-        dtype = repo.manifest(m.name).dtype
+        try:
+            dtype = repo.manifest(m.name).dtype
+        except PtmError as exc:  # its tokenizer blob is damaged: the manifest itself was readable
+            dtype = "?"
+            usage.unreadable.setdefault(m.name, exc.message)
         print(f"{m.name:<32} {dtype:<9} {m.tensors:>7} {_human(m.bytes):>11} {_human(m.shared_bytes):>11}")
+    for name, why in sorted(usage.unreadable.items()):
+        print(f"{name:<32} DAMAGED: {why}")
     print(
         f"{len(usage.models)} models: {_human(usage.logical_bytes)} of tensors, {_human(usage.stored_bytes)} "
         f"stored ({_human(usage.saved_bytes)} saved by sharing), {_human(usage.disk_bytes)} on disk"
+        + (f"; {len(usage.unreadable)} damaged (run `ptmserve verify`)" if usage.unreadable else "")
     )
-    return 0
+    return 1 if usage.unreadable else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -114,6 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             truncate=server_settings.long_inputs == "truncate",
             max_batch_tokens=args.max_batch_tokens,
             max_queue=args.max_queue,
+            realtime_timeout_s=args.realtime_timeout,
+            batch_timeout_s=args.batch_timeout,
         ),
     )
     names = ", ".join(engine.catalog.names()) or "none"
@@ -139,6 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from ptmserve.engine.requests import DEFAULT_BATCH_TIMEOUT_S, DEFAULT_REALTIME_TIMEOUT_S
     from ptmserve.server.settings import add_server_arguments
 
     p = sub.add_parser("serve", help="serve the repository's models over HTTP (KServe v2 and OpenAI)")
@@ -174,6 +186,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-queue", type=int, default=1024, help="queued requests per model and class before 429"
+    )
+    p.add_argument(
+        "--realtime-timeout",
+        type=float,
+        default=DEFAULT_REALTIME_TIMEOUT_S,
+        help="seconds: the deadline of a real-time request sent without a timeout (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=DEFAULT_BATCH_TIMEOUT_S,
+        help="seconds: the deadline of a batch request sent without a timeout (default %(default)s)",
     )
     add_server_arguments(p)
     p.set_defaults(func=cmd_serve)

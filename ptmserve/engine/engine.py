@@ -28,7 +28,14 @@ from ptmserve.engine.api import (
 from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.metrics import EngineMetrics
-from ptmserve.engine.requests import ClassDefaults, Request, deadline_from, request_class
+from ptmserve.engine.requests import (
+    DEFAULT_BATCH_TIMEOUT_S,
+    DEFAULT_REALTIME_TIMEOUT_S,
+    ClassDefaults,
+    Request,
+    deadline_from,
+    request_class,
+)
 from ptmserve.engine.runner import ModelRunner, Work
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.worker import Worker
@@ -59,8 +66,8 @@ class EngineSettings:
     max_batch_requests: int = 64
     max_batch_tokens: int = 8192
     max_queue: int = 1024  # per model and class; a full queue rejects with Overloaded
-    realtime_timeout_s: float = 10.0  # deadline of a real-time request sent without a timeout
-    batch_timeout_s: float = 300.0  # deadline of a batch request sent without a timeout
+    realtime_timeout_s: float = DEFAULT_REALTIME_TIMEOUT_S  # a real-time request sent without timeout
+    batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S  # a batch request sent without a timeout
     verify: bool = True  # check tensors against their checksum when read from disk
     zero_copy: bool = False  # CPU only: compute straight from the host tier (no separate device copy)
 

@@ -85,13 +85,18 @@ class Request:
         return len(self.inputs) if self.inputs else 1
 
 
+# The one source of the default deadlines: the engine's settings and the CLI flags take these.
+DEFAULT_REALTIME_TIMEOUT_S = 10.0
+DEFAULT_BATCH_TIMEOUT_S = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class ClassDefaults:
     """What priority 0 and a missing timeout mean, per deployment (or per model)."""
 
     default_class: RequestClass = RequestClass.REALTIME  # the class of priority 0
-    realtime_timeout_s: float = 1.0  # deadline of a real-time request sent without a timeout
-    batch_timeout_s: float = 60.0  # deadline of a batch request sent without a timeout
+    realtime_timeout_s: float = DEFAULT_REALTIME_TIMEOUT_S  # of a real-time request sent without a timeout
+    batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S  # of a batch request sent without a timeout
 
     def timeout_s(self, cls: RequestClass) -> float:
         return self.realtime_timeout_s if cls is RequestClass.REALTIME else self.batch_timeout_s

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptmserve.store import fsio, segments
@@ -58,6 +58,7 @@ class RepoUsage:
     logical_bytes: int  # sum of the models' ``bytes``
     stored_bytes: int  # tensor bytes actually stored: each referenced stored copy once
     disk_bytes: int  # size of all segment files (padding, tokenizers and orphans included)
+    unreadable: dict[str, str] = field(default_factory=dict)  # model -> why its manifest cannot be read
 
     @property
     def saved_bytes(self) -> int:

@@ -26,6 +26,7 @@ import). Every tensor is checked against its sha256 when read (unless the caller
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -318,9 +319,10 @@ class Repository:
         return maintenance.verify_docs(self._paths, docs, unreadable)
 
     def usage(self) -> RepoUsage:
-        """Logical vs stored bytes per model and for the repository (unreadable manifests skipped)."""
-        docs, _ = self._read_docs(self.names())
-        return maintenance.compute_usage(self._paths, docs)
+        """Logical vs stored bytes per model and for the repository; unreadable manifests are listed in
+        ``unreadable`` with their error."""
+        docs, unreadable = self._read_docs(self.names())
+        return dataclasses.replace(maintenance.compute_usage(self._paths, docs), unreadable=unreadable)
 
     # ---------------------------------------------------------------------------------- internals
 
