@@ -265,7 +265,15 @@ class Engine:
 
     def ready(self) -> bool:
         """True while the engine accepts requests and its step loop runs."""
-        return self._accepting and self._worker.alive()
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why the engine cannot take requests now (for the readiness probe), or None when it can."""
+        if not self._accepting:
+            return "the engine is shutting down"
+        if not self._worker.alive():
+            return self._worker.failure or "the step loop is not running"
+        return None
 
     def tiers(self) -> list[TierUsage]:
         stats = self.weights.stats()

@@ -273,3 +273,26 @@ def test_tokenizing_does_not_block_the_event_loop(engine: Engine) -> None:
 
     worst_gap, took = asyncio.run(measure())
     assert worst_gap < 0.05, f"the event loop stalled {worst_gap * 1e3:.0f} ms (request took {took:.2f} s)"
+
+
+def test_a_loop_that_keeps_crashing_turns_readiness_off_with_the_reason(
+    repo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_engine(repo_dir) as engine:
+        engine.embed("rt", ["warm"], RT)
+        worker = engine._worker
+
+        def always_crash(step, output):  # noqa: ANN001, ANN202
+            raise RuntimeError("injected persistent loop bug")
+
+        monkeypatch.setattr(worker, "_complete", always_crash)
+        for _ in range(3):
+            with pytest.raises(errors.PtmError):
+                engine.embed("rt", ["a new day"], RT)
+        deadline = time.monotonic() + 5
+        while engine.ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.ready()
+        assert "crashed 3 times" in (engine.unready_reason() or "")
+        with pytest.raises(errors.NotReady, match="crashed"):
+            engine.embed("rt", ["a new day"], RT)  # refused at once, never left hanging
