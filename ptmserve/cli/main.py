@@ -160,7 +160,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="compute dtype; auto = bfloat16 where the device has bf16 matrix units, else float32",
+        help="compute dtype; auto = bfloat16 where the device has bf16 matrix units (CUDA without them: "
+        "float16), else float32",
     )
     p.add_argument("--host-memory", default="8GiB", help="byte budget of the host weight tier (e.g. 2GiB)")
     p.add_argument(

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_IDLE_S = 0.1  # an idle worker re-checks at least this often (a load it waits on may end silently)
 _MAX_CRASHES = 3  # loop crashes within a minute before the worker stays down
+_MAX_TIMER_SLEEP_S = 60.0  # the deadline timer looks again at least this often
 
 Ending = tuple[Request, PtmError, Outcome]  # fail this request with this error, counted as this outcome
 
@@ -188,6 +189,7 @@ class Worker:
             if step is None:
                 continue
             self._current = step
+            self._publish_start(step)
             output = self._runner.execute(step)
             self._complete(step, output)
             self._current = None
@@ -290,14 +292,24 @@ class Worker:
 
     def _watch_deadlines(self) -> None:
         while not self._closed:
-            self._deadlines_moved.clear()
-            with self._lock:
-                now = self._scheduler.clock()
-                expired = self._scheduler.expire(now)
-                nxt = self._scheduler.next_deadline()
-            late = DeadlineExceeded("the request could not start before its deadline")
-            self._end_all([(r, late, Outcome.TIMEOUT) for r in expired])
-            self._deadlines_moved.wait(None if nxt is None else max(0.0, nxt - now))
+            try:
+                self._expire_due()
+            except Exception:  # noqa: BLE001 - the timer must outlive any bug; the worker expires too
+                logger.exception("the deadline timer failed; retrying")
+                time.sleep(_MAX_IDLE_S)
+
+    def _expire_due(self) -> None:
+        self._deadlines_moved.clear()
+        with self._lock:
+            now = self._scheduler.clock()
+            expired = self._scheduler.expire(now)
+            nxt = self._scheduler.next_deadline()
+        late = DeadlineExceeded("the request could not start before its deadline")
+        self._end_all([(r, late, Outcome.TIMEOUT) for r in expired])
+        # Bounded: a far deadline (years away) must not overflow the wait, and news wakes it anyway.
+        self._deadlines_moved.wait(
+            _MAX_TIMER_SLEEP_S if nxt is None else min(_MAX_TIMER_SLEEP_S, max(0.0, nxt - now))
+        )
 
     # -- outcomes and metrics: the one place ----------------------------------------------------------
 
@@ -327,13 +339,17 @@ class Worker:
     def _count(self, model: str, outcome: Outcome) -> None:
         self._metrics.requests.labels(model, outcome.value).inc()
 
+    def _publish_start(self, step: Step) -> None:
+        if step.model is None:
+            return
+        for r in step.batch:
+            if step.spans.get(r.id, (0, 0))[0] == 0:  # its first part: the time it queued
+                self._metrics.queue_seconds.labels(step.model).observe(step.started - r.arrival)
+
     def _publish_step(self, step: Step, output: RunnerOutput) -> None:
         model = step.model
         assert model is not None
         m = self._metrics
-        for r in step.batch:
-            if step.spans.get(r.id, (0, 0))[0] == 0:  # its first part: the time it queued
-                m.queue_seconds.labels(model).observe(step.started - r.arrival)
         m.compute_seconds.labels(model).observe(output.exec_seconds + output.wait_seconds)
         m.batch_size.labels(model).observe(len(step.batch))
         m.batch_tokens.labels(model).inc(step.tokens)

@@ -125,3 +125,18 @@ def test_unload_stays_unloaded(repo_dir: Path) -> None:
         assert engine.model_info("a-first").state is ModelState.UNAVAILABLE
         with pytest.raises(errors.NotReady):
             engine.embed("a-first", ["hello"], RT)
+
+
+def test_a_deadline_centuries_away_does_not_stop_the_deadline_timer(repo_dir: Path) -> None:
+    with open_engine(repo_dir) as engine:
+        far = InferenceOptions(priority=2, timeout_us=10**19)  # past threading.TIMEOUT_MAX
+        assert engine.embed("a-first", ["hello"], far).embeddings.shape == (1, 32)
+        time.sleep(0.05)
+        assert engine._worker._timer.is_alive()
+        with pytest.raises(errors.DeadlineExceeded):  # the timer still expires what is due
+            gate = threading.Event()
+            engine._worker.control(gate.wait)
+            try:
+                engine.embed("b-second", ["hello"], InferenceOptions(priority=1, timeout_us=50_000))
+            finally:
+                gate.set()
