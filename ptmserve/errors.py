@@ -1,7 +1,7 @@
 """Typed errors raised by core code.
 
-Core code raises these; exactly one table in ``ptmserve.server.errors`` turns them into HTTP
-status codes and protocol bodies. Nothing here knows about HTTP.
+Core code raises these; exactly one table in ``ptmserve.protocol.errors`` turns them into HTTP
+status codes and protocol bodies (and back, for the client). Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class Unauthorized(PtmError):
 
 class ModelNotFound(PtmError):
     """No model of that name in the repository."""
+
+
+class RequestTimeout(PtmError):
+    """The client took too long to send its request (headers or body)."""
 
 
 class PayloadTooLarge(PtmError):

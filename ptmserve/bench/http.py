@@ -176,8 +176,8 @@ def _http_sender(url: str, args: argparse.Namespace) -> Callable[[], Callable[[s
     """A factory of per-client senders (each client keeps one connection), per ``--protocol``."""
     import json
 
-    from ptmserve.client import protocol as p
-    from ptmserve.server.codecs import HEADER_LENGTH, decode_infer_response
+    from ptmserve.client import calls as p
+    from ptmserve.protocol.codecs import HEADER_LENGTH, decode_infer_response
 
     u = urlparse(url)
 

@@ -6,7 +6,7 @@ with Client("http://127.0.0.1:8000") as c:
     vectors = c.embed("all-MiniLM-L6-v2", ["hello", "world"]).embeddings  # (2, 384) float32
 """
 
+from ptmserve.client.calls import Health, ModelStatus, ServerError
 from ptmserve.client.client import AsyncClient, Client
-from ptmserve.client.protocol import Health, ModelStatus, ServerError
 
 __all__ = ["AsyncClient", "Client", "Health", "ModelStatus", "ServerError"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from ptmserve.client import protocol as p
+from ptmserve.client import calls as p
 from ptmserve.engine.api import ClassifyResult, EmbedResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"

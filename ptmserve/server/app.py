@@ -1,7 +1,8 @@
 """``create_app(engine, settings)``: every route of the server in one table, and the error handlers.
 
 Routes are thin: parse the protocol, call the ``DataPlane`` (which calls the engine), format the answer.
-Errors raised anywhere become protocol bodies through ``ptmserve.server.errors`` only.
+Errors raised anywhere become protocol bodies through ``ptmserve.server.errors`` (which applies the
+one table of ``ptmserve.protocol.errors``) only.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ptmserve.errors import InvalidInput, PtmError
+from ptmserve.errors import PtmError
+from ptmserve.protocol.errors import error_body, router_error_kind
 from ptmserve.server.dataplane import ClientDisconnected, DataPlane, EngineLike
-from ptmserve.server.errors import error_body, error_response, router_kind
+from ptmserve.server.errors import error_response, invalid_input_from
 from ptmserve.server.kserve import KServeRoutes
 from ptmserve.server.middleware import Guard, HttpMetrics
-from ptmserve.server.openai import OpenAIRoutes
+from ptmserve.server.openai import OpenAIRoutes, embedding_request_schema
 from ptmserve.server.schemas import INFER_REQUEST_SCHEMA, REPOSITORY_INDEX_SCHEMA, model_request_schema
 from ptmserve.server.settings import ServerSettings
 
@@ -77,7 +79,7 @@ def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: boo
         ("POST", "/v2/repository/models/{model}/unload", kserve.unload, model_body),
         ("GET", "/v1/models", openai.models, None),
         ("GET", "/v1/models/{model}", openai.model, None),
-        ("POST", "/v1/embeddings", openai.embeddings, None),
+        ("POST", "/v1/embeddings", openai.embeddings, embedding_request_schema()),
         ("GET", "/metrics", metrics, None),
     ]
 
@@ -104,11 +106,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(_validation_error(exc), request.url.path)
+        return error_response(invalid_input_from(exc.errors()), request.url.path)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        kind = router_kind(exc.status_code)
+        kind = router_error_kind(exc.status_code)
         message = {404: f"no route {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
         body = error_body(kind, message, request.url.path)
         return Response(body, status_code=kind.status, media_type="application/json", headers=exc.headers)
@@ -120,29 +122,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(ClientDisconnected, on_disconnect)
-
-
-def _validation_error(exc: RequestValidationError, limit: int = 3) -> InvalidInput:
-    """A short description of FastAPI's validation errors (never echoes the input values).
-
-    A union field (OpenAI's ``input``) fails once per member; it is reported once, in words.
-    """
-    fields: dict[str, str] = {}
-    for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        field = loc[0] if loc else "body"
-        if field in fields:
-            continue
-        if field == "input" and err.get("type") != "missing":
-            fields[field] = (
-                "input: must be a string, a list of strings, or token ids (list of int or list of lists)"
-            )
-        else:
-            fields[field] = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}"
-    parts = list(fields.values())
-    more = len(parts) - limit
-    out = InvalidInput(
-        "invalid request: " + "; ".join(parts[:limit]) + (f" (and {more} more)" if more > 0 else "")
-    )
-    out.param = next(iter(fields), None)  # type: ignore[attr-defined]  # OpenAI's error "param"
-    return out

@@ -3,7 +3,7 @@
 The routes parse their protocol into plain Python (texts or token id lists, ``InferenceOptions``), call
 ``DataPlane``, and format the result back. Everything that must behave the same for both protocols lives
 here: request limits, the truncate-or-reject policy, cancelling work whose client went away, and the
-per-model statistics the KServe statistics extension reports.
+per-model statistics the KServe statistics extension reports (from the engine's own counters).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from ptmserve.engine.api import (
     TierUsage,
 )
 from ptmserve.errors import InvalidInput, ModelNotFound, NotReady, PayloadTooLarge
+from ptmserve.protocol.schedule import schedule_value
 from ptmserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 # Letters, digits, '.', '_', '-'; starts with a letter or digit (so never '.' or '..'); no '/'.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MODEL_VERSION = "1"  # a model has one version; "/versions/1" names it explicitly
+# Longer timeouts (the protocol allows up to 2**64 - 1 µs) are passed on as this one, about 31 years:
+# the same in practice, and within what the engine's timers (threading.TIMEOUT_MAX seconds) can wait.
+LONGEST_TIMEOUT_US = 10**15
 
 
 class EngineLike(Protocol):
@@ -54,6 +59,7 @@ class EngineLike(Protocol):
     def load(self, name: str) -> None: ...
     def unload(self, name: str) -> None: ...
     def ready(self) -> bool: ...
+    def unready_reason(self) -> str | None: ...
     def tiers(self) -> list[TierUsage]: ...
     def close(self, drain_seconds: float = 30.0) -> None: ...
 
@@ -69,7 +75,6 @@ class _Stats:
     fail_count: int = 0
     fail_ns: int = 0
     inference_count: int = 0  # inputs served (Triton counts batch elements)
-    execution_count: int = 0  # requests served
     last_inference_ms: int = 0
 
 
@@ -97,7 +102,7 @@ class DataPlane:
         """The engine's description of ``name``; ``ModelNotFound`` (404) when there is none."""
         return self.engine.model_info(self.check_name(name, version))
 
-    def servable(self, name: str, version: str | None = None) -> ModelInfo:
+    def ready_model_info(self, name: str, version: str | None = None) -> ModelInfo:
         """``model_info`` of a model that can take requests now; ``NotReady`` (503) otherwise."""
         info = self.model_info(name, version)
         if self.draining:
@@ -107,7 +112,13 @@ class DataPlane:
         return info
 
     def ready(self) -> bool:
-        return not self.draining and self.engine.ready()
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why the server cannot take requests now (the readiness probe says it), or None."""
+        if self.draining:
+            return "the server is shutting down"
+        return self.engine.unready_reason()
 
     async def load(self, name: str) -> None:
         self.check_name(name)
@@ -119,19 +130,36 @@ class DataPlane:
 
     # -------------------------------------------------------------------------------------- infer
 
+    def check_count(self, n: int) -> None:
+        """``PayloadTooLarge`` (413) when one request carries more than ``max_batch_inputs`` inputs."""
+        limit = self.settings.max_batch_inputs
+        if n > limit:
+            raise PayloadTooLarge(f"{n} inputs in one request; the limit is {limit}")
+
+    def check_length(self, i: int, n: int, what: str) -> None:
+        """``PayloadTooLarge`` (413) when input ``i`` has more than ``max_input_length`` ``what``."""
+        limit = self.settings.max_input_length
+        if n > limit:
+            raise PayloadTooLarge(f"input {i} has {n} {what}; the limit is {limit}")
+
     def check_inputs(self, inputs: Inputs) -> Inputs:
-        """Apply the request limits (count, length of each input); the engine validates the rest."""
-        s = self.settings
-        if len(inputs) > s.max_batch_inputs:
-            raise PayloadTooLarge(f"{len(inputs)} inputs in one request; the limit is {s.max_batch_inputs}")
+        """Apply the request limits (count, length of each input) and refuse text that is not Unicode
+        (a lone surrogate, which JSON can spell as ``\\ud800``); the engine validates the rest."""
+        self.check_count(len(inputs))
         for i, item in enumerate(inputs):
-            if len(item) > s.max_input_length:
-                what = "characters" if isinstance(item, str) else "token ids"
-                raise PayloadTooLarge(f"input {i} has {len(item)} {what}; the limit is {s.max_input_length}")
+            if isinstance(item, str):
+                self.check_length(i, len(item), "characters")
+                _check_unicode(i, item)
+            else:
+                self.check_length(i, len(item), "token ids")
         return inputs
 
     def options(self, priority: int = 0, timeout_us: int | None = None) -> InferenceOptions:
-        return InferenceOptions(priority=priority, timeout_us=timeout_us or None)
+        """Engine options from the schedule parameters (each checked by ``schedule_value``)."""
+        priority = schedule_value("priority", priority)
+        timeout = schedule_value("timeout", 0 if timeout_us is None else timeout_us)
+        timeout = min(timeout, LONGEST_TIMEOUT_US)
+        return InferenceOptions(priority=priority, timeout_us=timeout or None)
 
     async def embed(
         self, info: ModelInfo, inputs: Inputs, options: InferenceOptions, receive: Receive | None
@@ -145,7 +173,8 @@ class DataPlane:
     async def classify(
         self, info: ModelInfo, inputs: Inputs, options: InferenceOptions, receive: Receive | None
     ) -> ClassifyResult:
-        """Logits and labels of ``inputs``; ``InvalidInput`` for a model without a classification head."""
+        """Logits, labels and embeddings of ``inputs`` from one forward pass; ``InvalidInput`` for a model
+        without a classification head."""
         if not info.labels:
             raise InvalidInput(f"model {info.name!r} has no classification head (no LOGITS or LABEL)")
         inputs = self.check_inputs(inputs)
@@ -171,38 +200,109 @@ class DataPlane:
                 st.success_count += 1
                 st.success_ns += ns
                 st.inference_count += n
-                st.execution_count += 1
                 st.last_inference_ms = int(time.time() * 1000)
             else:
                 st.fail_count += 1
                 st.fail_ns += ns
 
     def statistics(self, names: list[str]) -> dict[str, Any]:
-        """Triton's statistics extension body for ``names``."""
+        """Triton's statistics extension body for ``names``.
+
+        ``success``, ``fail``, ``inference_count`` and ``last_inference`` are this server's inference
+        requests (both protocols; ``ns`` from arrival to answer). ``queue``, ``compute_infer``,
+        ``execution_count`` and ``batch_stats`` come from the engine's counters, which see every request
+        of the model (HTTP or Python API): ``queue`` per request, from its arrival in the engine to the
+        start of its batch; ``compute_infer`` per batch (one model execution), as the engine times
+        batches. Input and output copies are inside ``compute_infer``, so ``compute_input`` and
+        ``compute_output`` stay zero. ``batch_stats`` has one entry per bucket of the engine's batch-size
+        histogram that saw batches: ``batch_size`` is the bucket's upper bound (1, 2, 4, ... requests) and
+        ``compute_infer.count`` its batches; the engine does not time batches by size, so their ``ns`` is 0.
+        """
         with self._stats_lock:
             snap = {n: dataclasses.replace(self._stats.get(n, _Stats())) for n in names}
         zero = {"count": 0, "ns": 0}
-        return {
-            "model_stats": [
+        out = []
+        for n, st in snap.items():
+            engine = engine_model_stats(self.engine.metrics, n)
+            out.append(
                 {
                     "name": n,
                     "version": MODEL_VERSION,
                     "last_inference": st.last_inference_ms,
                     "inference_count": st.inference_count,
-                    "execution_count": st.execution_count,
+                    "execution_count": engine.batches,
                     "inference_stats": {
                         "success": {"count": st.success_count, "ns": st.success_ns},
                         "fail": {"count": st.fail_count, "ns": st.fail_ns},
-                        "queue": zero,
+                        "queue": {"count": engine.queued, "ns": engine.queue_ns},
                         "compute_input": zero,
-                        "compute_infer": zero,
+                        "compute_infer": {"count": engine.batches, "ns": engine.compute_ns},
                         "compute_output": zero,
                     },
-                    "batch_stats": [],
+                    "batch_stats": [
+                        {
+                            "batch_size": size,
+                            "compute_input": zero,
+                            "compute_infer": {"count": count, "ns": 0},
+                            "compute_output": zero,
+                        }
+                        for size, count in engine.batch_sizes
+                    ],
                 }
-                for n, st in snap.items()
-            ]
-        }
+            )
+        return {"model_stats": out}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineModelStats:
+    """One model's figures read from the engine's Prometheus counters."""
+
+    queued: int  # requests that left the queue for a batch
+    queue_ns: int  # their total time in the queue
+    batches: int  # batches executed
+    compute_ns: int  # their total compute time
+    batch_sizes: list[tuple[int, int]]  # (bucket upper bound in requests, batches in that bucket)
+
+
+def engine_model_stats(metrics: Any, model: str) -> EngineModelStats:
+    """Read ``model``'s queue, compute and batch-size histograms from an ``EngineMetrics``."""
+    queued, queue_s, _ = _histogram(metrics.queue_seconds, model)
+    batches, compute_s, buckets = _histogram(metrics.compute_seconds, model)
+    _, _, size_buckets = _histogram(metrics.batch_size, model)
+    sizes: list[tuple[int, int]] = []
+    below = 0
+    for bound, cumulative in size_buckets:  # cumulative counts, ascending bounds
+        if cumulative > below and math.isfinite(bound):
+            sizes.append((int(bound), cumulative - below))
+        below = cumulative
+    return EngineModelStats(queued, round(queue_s * 1e9), batches, round(compute_s * 1e9), sizes)
+
+
+def _histogram(hist: Any, model: str) -> tuple[int, float, list[tuple[float, int]]]:
+    """(count, sum, cumulative buckets) of one model's child of a labelled Prometheus histogram."""
+    count, total, buckets = 0, 0.0, []
+    for family in hist.collect():
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name.endswith("_count"):
+                count = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), int(sample.value)))
+    buckets.sort()
+    return count, total, buckets
+
+
+def _check_unicode(i: int, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"input {i} is not valid Unicode: a lone surrogate at character {exc.start} "
+            "(JSON \\u escapes of surrogates must come in high-low pairs)"
+        ) from None
 
 
 async def until_disconnect(work: Coroutine[Any, Any, T], receive: Receive | None) -> T:

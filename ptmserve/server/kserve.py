@@ -6,7 +6,7 @@ Tensor contract (``docs/server.md``):
   INPUT_IDS. Without a mask every INPUT_IDS element is a real token.
 - outputs: ``EMBEDDING`` (FP32, [-1, dim]); classifiers also ``LOGITS`` (FP32, [-1, C]) and ``LABEL``
   (BYTES, [-1]). With no ``outputs`` in the request, embedding models return EMBEDDING and classifiers
-  return LOGITS and LABEL (EMBEDDING is computed only when asked for).
+  return LOGITS and LABEL. One forward pass serves every output a request asks for.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ptmserve.engine.api import InferenceOptions, ModelInfo, ModelState
-from ptmserve.errors import InvalidInput, NotReady
-from ptmserve.server import codecs
+from ptmserve.errors import InvalidInput, NotReady, PayloadTooLarge
+from ptmserve.protocol import codecs
+from ptmserve.protocol.schedule import schedule_value
 from ptmserve.server.dataplane import MODEL_VERSION, DataPlane, Inputs
 
 EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_repository", "statistics"]
@@ -69,8 +70,9 @@ class KServeRoutes:
         return json_response({"live": True})
 
     async def ready(self) -> Response:
-        if not self.plane.ready():
-            raise NotReady("the server is not ready" + (" (shutting down)" if self.plane.draining else ""))
+        reason = self.plane.unready_reason()
+        if reason is not None:
+            raise NotReady(f"the server is not ready: {reason}")
         return json_response({"ready": True})
 
     # ------------------------------------------------------------------------------------ per model
@@ -100,7 +102,7 @@ class KServeRoutes:
         return self._ready(model, version)
 
     def _ready(self, model: str, version: str | None) -> Response:
-        info = self.plane.servable(model, version)
+        info = self.plane.ready_model_info(model, version)
         return json_response({"name": info.name, "ready": True})
 
     async def model_config(self, model: str) -> Response:
@@ -154,25 +156,33 @@ class KServeRoutes:
         return await self._infer(request, model, version)
 
     async def _infer(self, request: Request, model: str, version: str | None) -> Response:
-        info = self.plane.servable(model, version)
+        info = self.plane.ready_model_info(model, version)
         body = codecs.decompress(
             await request.body(), request.headers.get("content-encoding"), self.plane.settings.max_body_bytes
         )
-        req = codecs.decode_infer_request(body, request.headers.get(codecs.HEADER_LENGTH))
+        req = codecs.decode_infer_request(
+            body, request.headers.get(codecs.HEADER_LENGTH), check_shape=self._check_input_shape
+        )
         inputs = model_inputs(req)
         options = schedule_options(self.plane, req.parameters)
         wanted = requested_outputs(info, req)
         results: dict[str, codecs.Tensor] = {}
-        tokens = 0
-        if "EMBEDDING" in wanted:
-            emb = await self.plane.embed(info, inputs, options, request.receive)
-            results["EMBEDDING"] = codecs.Tensor("EMBEDDING", "FP32", np.asarray(emb.embeddings, np.float32))
-            tokens = emb.prompt_tokens
         if "LOGITS" in wanted or "LABEL" in wanted:
+            # One forward pass: the classification carries the pooled embeddings too.
             cls = await self.plane.classify(info, inputs, options, request.receive)
             results["LOGITS"] = codecs.Tensor("LOGITS", "FP32", np.asarray(cls.logits, np.float32))
             results["LABEL"] = codecs.bytes_tensor("LABEL", cls.labels)
+            if "EMBEDDING" in wanted:
+                if cls.embeddings is None:
+                    raise RuntimeError("the engine's ClassifyResult has no embeddings")
+                results["EMBEDDING"] = codecs.Tensor(
+                    "EMBEDDING", "FP32", np.asarray(cls.embeddings, np.float32)
+                )
             tokens = cls.prompt_tokens
+        else:
+            emb = await self.plane.embed(info, inputs, options, request.receive)
+            results["EMBEDDING"] = codecs.Tensor("EMBEDDING", "FP32", np.asarray(emb.embeddings, np.float32))
+            tokens = emb.prompt_tokens
         resp = codecs.InferResponse(
             model_name=info.name,
             model_version=MODEL_VERSION,
@@ -186,6 +196,21 @@ class KServeRoutes:
             return Response(payload, media_type="application/json")
         headers = {codecs.HEADER_LENGTH: str(header_length)}
         return Response(payload, media_type="application/octet-stream", headers=headers)
+
+    def _check_input_shape(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """Refuse an input whose declared shape is beyond the limits, before its data is decoded."""
+        if name not in _INPUTS:
+            raise InvalidInput(
+                f"unknown input(s) {[name[:64]]}; this model takes TEXT or INPUT_IDS (+ ATTENTION_MASK)"
+            )
+        if shape:
+            self.plane.check_count(shape[0])
+        limit = self.plane.settings.max_input_length
+        if name != "TEXT" and len(shape) == 2 and shape[1] > limit:
+            raise PayloadTooLarge(
+                f"{name} rows hold {shape[1]} token ids (shape {list(shape)}); the limit is {limit} "
+                "(--max-input-length)"
+            )
 
     # ----------------------------------------------------------------------------------- statistics
 
@@ -311,10 +336,5 @@ def requested_outputs(info: ModelInfo, req: codecs.InferRequest) -> dict[str, bo
 
 def schedule_options(plane: DataPlane, params: dict[str, Any]) -> InferenceOptions:
     """``priority`` and ``timeout`` (µs) of the schedule policy extension as engine options."""
-    values = {}
-    for key in ("priority", "timeout"):
-        v = params.get(key, 0)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise InvalidInput(f"parameter {key!r} must be a non-negative integer, got {v!r}")
-        values[key] = v
-    return plane.options(priority=values["priority"], timeout_us=values["timeout"] or None)
+    priority = schedule_value("priority", params.get("priority", 0))
+    return plane.options(priority=priority, timeout_us=schedule_value("timeout", params.get("timeout", 0)))

@@ -5,6 +5,9 @@
 ``openai`` client decodes; it asks for base64 by default). ``dimensions`` must equal the model's width.
 Extensions (send them with the openai client's ``extra_body``): ``priority`` and ``timeout`` (µs), with the
 meaning of KServe's schedule policy parameters.
+
+The route parses its body itself (whatever the ``Content-Type``, so ``curl -d`` works) and counts the
+inputs before validating them, so an oversized list is refused before pydantic builds it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ptmserve.engine.api import ModelState
 from ptmserve.errors import InvalidInput
+from ptmserve.protocol.schedule import MAX_SCHEDULE_VALUE
 from ptmserve.server.dataplane import DataPlane, Inputs
+from ptmserve.server.errors import invalid_input_from
 
 OWNER = "ptmserve"
 
@@ -36,8 +41,14 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
-    priority: StrictInt = Field(default=0, ge=0)  # ptmserve extension: Triton's priority
-    timeout: StrictInt | None = Field(default=None, ge=0)  # ptmserve extension: deadline in µs
+    priority: StrictInt = Field(default=0, ge=0, le=MAX_SCHEDULE_VALUE)  # ptmserve extension: Triton's
+    timeout: StrictInt | None = Field(default=None, ge=0, le=MAX_SCHEDULE_VALUE)  # extension: deadline, µs
+
+
+def embedding_request_schema() -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of ``POST /v1/embeddings`` (the route parses the body itself)."""
+    schema = EmbeddingRequest.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -62,8 +73,9 @@ class OpenAIRoutes:
     async def model(self, model: str) -> Response:
         return _json(self._card(self.plane.model_info(model).name))
 
-    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
-        info = self.plane.servable(body.model)
+    async def embeddings(self, request: Request) -> Response:
+        body = self.parse(await request.body())
+        info = self.plane.ready_model_info(body.model)
         if body.dimensions is not None and body.dimensions != info.dim:
             raise InvalidInput(
                 f"dimensions={body.dimensions} is not supported: model {info.name!r} returns {info.dim}"
@@ -78,6 +90,25 @@ class OpenAIRoutes:
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
         return _json({"object": "list", "data": data, "model": info.name, "usage": usage})
+
+    def parse(self, raw: bytes) -> EmbeddingRequest:
+        """The request body, its input count and length checked before pydantic validates each input."""
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidInput(f"body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise InvalidInput("body must be a JSON object")
+        items = obj.get("input")
+        if isinstance(items, list) and items:
+            if isinstance(items[0], int) and not isinstance(items[0], bool):  # one token id list
+                self.plane.check_length(0, len(items), "token ids")
+            else:
+                self.plane.check_count(len(items))
+        try:
+            return EmbeddingRequest.model_validate(obj)
+        except ValidationError as exc:
+            raise invalid_input_from(exc.errors()) from None
 
 
 def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> Inputs:

@@ -35,6 +35,13 @@ class ServerSettings:
         "truncate"  # for the engine: EngineSettings.truncate = long_inputs == "truncate"
     )
     drain_seconds: float = 30.0  # on SIGTERM: time allowed for in-flight requests to finish
+    # Slow clients: a request's headers must arrive within header_timeout (counted from the connection,
+    # or from the first byte of a later request on it), its body within body_timeout of its headers;
+    # else 408 and the connection closes. An idle keep-alive connection closes after keep_alive_timeout.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000  # open connections; a request on one beyond this gets 503
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -45,9 +52,12 @@ class ServerSettings:
             problems.append(f"port {self.port} is not in 0..65535")
         if self.api_key is not None and (not self.api_key or any(c.isspace() for c in self.api_key)):
             problems.append("api_key must be a non-empty string without whitespace")
-        for name in ("max_body_bytes", "max_batch_inputs", "max_input_length"):
+        for name in ("max_body_bytes", "max_batch_inputs", "max_input_length", "max_connections"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.long_inputs not in ("truncate", "reject"):
             problems.append(f"long_inputs {self.long_inputs!r} is not 'truncate' or 'reject'")
         if self.drain_seconds < 0:
@@ -99,6 +109,30 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--drain-seconds", type=float, default=d.drain_seconds, help="SIGTERM grace period for in-flight work"
     )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help="seconds for a request's headers to arrive; then 408 and close (default %(default)s)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout,
+        help="seconds for a request's whole body to arrive after its headers; then 408 (default %(default)s)",
+    )
+    g.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=d.keep_alive_timeout,
+        help="seconds an idle keep-alive connection stays open (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="open connections; requests on connections beyond this get 503 (default %(default)s)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
@@ -115,4 +149,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         max_input_length=args.max_input_length,
         long_inputs=args.long_inputs,
         drain_seconds=args.drain_seconds,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
     )

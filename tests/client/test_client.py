@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 
 from ptmserve import errors
 from ptmserve.client import AsyncClient, Client, Health, ServerError
-from ptmserve.client.protocol import raise_for_status
+from ptmserve.client.calls import raise_for_status
 from tests.models.tiny import TINY_TEXTS
 from tests.server.conftest import CLS, EMB, open_engine, running_server
 
@@ -108,3 +111,16 @@ def test_auth_and_explicit_control(tiny_repo: Any) -> None:
 def test_health_of_an_unreachable_server() -> None:
     with Client("http://127.0.0.1:9", timeout=2) as c:
         assert c.health() == Health(live=False, ready=False)
+
+
+def test_the_client_imports_neither_the_server_nor_its_framework() -> None:
+    """``ptmserve.client`` shares ``ptmserve.protocol`` with the server; it does not import the server."""
+    code = (
+        "import json, sys; import ptmserve.client; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'fastapi', 'uvicorn', 'torch') or m.startswith('ptmserve.server'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(out.stdout) == []

@@ -1,4 +1,4 @@
-"""The KServe body codecs and the error table, without a server."""
+"""The KServe body codecs and the error table of ``ptmserve.protocol``, without a server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ptmserve import errors
-from ptmserve.server import codecs
-from ptmserve.server.errors import ERROR_TABLE, INTERNAL, error_body, kind_of, status_to_error
+from ptmserve.protocol import codecs
+from ptmserve.protocol.errors import ERROR_TABLE, INTERNAL, error_body, error_kind, status_to_error
 
 
 def _request(inputs: list[codecs.Tensor], binary: bool) -> codecs.InferRequest:
@@ -144,9 +144,19 @@ def _binary_body(tensor: dict, tail: bytes) -> tuple[bytes, int]:
             "past",
         ),
         (
-            {"name": "T", "datatype": "BYTES", "shape": [10**12], "parameters": {"binary_data_size": 0}},
+            {"name": "T", "datatype": "BYTES", "shape": [10**9], "parameters": {"binary_data_size": 0}},
             b"",
             "hold",
+        ),
+        (
+            {"name": "T", "datatype": "BYTES", "shape": [10**12], "parameters": {"binary_data_size": 0}},
+            b"",
+            "too large",
+        ),
+        (  # an empty tensor whose other dimension numpy cannot represent
+            {"name": "T", "datatype": "INT64", "shape": [0, 2**63], "parameters": {"binary_data_size": 0}},
+            b"",
+            "too large",
         ),
         (
             {"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}},
@@ -164,6 +174,33 @@ def test_bad_binary_data_raises_invalid_input(tensor: dict, tail: bytes, words: 
     body, hlen = _binary_body(tensor, tail)
     with pytest.raises(errors.InvalidInput, match=words):
         codecs.decode_infer_request(body, hlen)
+
+
+def test_shape_check_runs_before_the_data_is_decoded() -> None:
+    """A receiver's limits see the declared shape first: nothing is built for a shape it refuses."""
+    seen: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def check(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        seen.append((name, datatype, shape))
+        if shape[0] > 4:
+            raise errors.PayloadTooLarge(f"{shape[0]} rows")
+
+    ok = _body({"inputs": [{"name": "A", "datatype": "INT64", "shape": [2, 0], "data": []}]})
+    assert codecs.decode_infer_request(ok, check_shape=check).inputs[0].shape == (2, 0)
+    big = _body({"inputs": [{"name": "A", "datatype": "INT64", "shape": [10**7, 0], "data": []}]})
+    with pytest.raises(errors.PayloadTooLarge, match="10000000 rows"):
+        codecs.decode_infer_request(big, check_shape=check)
+    assert seen == [("A", "INT64", (2, 0)), ("A", "INT64", (10**7, 0))]
+
+
+def test_json_data_beyond_the_shape_is_refused_without_reading_it_all() -> None:
+    data = [[1] * 1000 for _ in range(1000)]  # a million elements for a shape of two
+    body = _body({"inputs": [{"name": "A", "datatype": "INT64", "shape": [2], "data": data}]})
+    with pytest.raises(errors.InvalidInput, match="more data elements than the 2"):
+        codecs.decode_infer_request(body)
+    flat = _body({"inputs": [{"name": "A", "datatype": "BYTES", "shape": [2], "data": [""] * 10**6}]})
+    with pytest.raises(errors.InvalidInput, match="more data elements than the 2"):
+        codecs.decode_infer_request(flat)
 
 
 def test_decompress_gzip_deflate_and_limit() -> None:
@@ -190,14 +227,14 @@ def test_error_table_statuses() -> None:
         errors.DeadlineExceeded: 504,
     }
     for cls, status in expected.items():
-        assert kind_of(cls("x")).status == status
+        assert error_kind(cls("x")).status == status
         assert status_to_error(status) is cls
-    assert kind_of(RuntimeError("bug")) is INTERNAL and INTERNAL.status == 500
+    assert error_kind(RuntimeError("bug")) is INTERNAL and INTERNAL.status == 500
     assert {cls for cls, _ in ERROR_TABLE} >= set(expected)
 
 
 def test_error_bodies_per_protocol() -> None:
-    kind = kind_of(errors.ModelNotFound("no model 'x'"))
+    kind = error_kind(errors.ModelNotFound("no model 'x'"))
     assert json.loads(error_body(kind, "no model 'x'", "/v2/models/x/infer")) == {"error": "no model 'x'"}
     body = json.loads(error_body(kind, "no model 'x'", "/v1/embeddings", param="model"))
     assert body == {

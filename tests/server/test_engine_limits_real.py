@@ -1,7 +1,8 @@
 """Overload, disconnects and metrics through the real server and the real engine.
 
 To hold requests in the engine deterministically, a test parks the engine's worker thread on a gate
-(a control message, as ``Engine.load`` sends): requests then wait in its inbox until the gate opens.
+(a control message, as ``Engine.load`` sends): admitted requests then wait in its queue until the gate
+opens. What the tests observe is public: the HTTP in-flight gauge and the engine's outcome counters.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -33,8 +35,9 @@ def parked_worker(engine: Any) -> Iterator[threading.Event]:
         done.result(timeout=30)
 
 
-def _inbox(engine: Any) -> int:
-    return engine._worker._inbox.qsize()
+def _in_flight(url: str) -> float:
+    """Requests the server is serving now (minus the /metrics request that asks)."""
+    return _metric(url, "ptmserve_http_requests_in_flight ") - 1
 
 
 def _metric(url: str, line_start: str) -> float:
@@ -46,6 +49,10 @@ def _metric(url: str, line_start: str) -> float:
 
 def _success(model: str) -> str:
     return f'ptmserve_requests_total{{model="{model}",outcome="success"}}'
+
+
+def _rejected(model: str) -> str:
+    return f'ptmserve_requests_total{{model="{model}",outcome="rejected"}}'
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +69,7 @@ def small_queue(tiny_repo: Any) -> Iterator[tuple[Any, str]]:
 def test_overload_gives_429_rather_than_unbounded_queueing(small_queue: tuple[Any, str]) -> None:
     engine, url = small_queue
     n = 6
+    rejected = _metric(url, _rejected(EMB))
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
@@ -72,7 +80,11 @@ def test_overload_gives_429_rather_than_unbounded_queueing(small_queue: tuple[An
                     )
                     for i in range(n)
                 ]
-                assert await asyncio.to_thread(wait_for, lambda: _inbox(engine) >= n)
+                # Two wait in the queue (its capacity); the others were refused at once.
+                assert await asyncio.to_thread(
+                    wait_for,
+                    lambda: _in_flight(url) >= 2 and _metric(url, _rejected(EMB)) == rejected + n - 2,
+                )
             return sorted([(await t).status_code for t in tasks])
 
     codes = asyncio.run(burst())
@@ -83,7 +95,7 @@ def test_overload_gives_429_rather_than_unbounded_queueing(small_queue: tuple[An
 
 def test_disconnect_cancels_the_engine_work(small_queue: tuple[Any, str]) -> None:
     engine, url = small_queue
-    cancelled = f'ptmserve_requests_total{{model="{EMB}",outcome="error"}}'
+    cancelled = f'ptmserve_requests_total{{model="{EMB}",outcome="cancelled"}}'
     closed = 'ptmserve_http_requests_total{code="499",method="POST",route="/v1/embeddings"}'
     before_cancelled, before_success = _metric(url, cancelled), _metric(url, _success(EMB))
     u = urlparse(url)
@@ -95,7 +107,8 @@ def test_disconnect_cancels_the_engine_work(small_queue: tuple[Any, str]) -> Non
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
-        assert wait_for(lambda: _inbox(engine) >= 1)
+        assert wait_for(lambda: _in_flight(url) >= 1)
+        time.sleep(0.3)  # it reaches the engine's queue (tokenizing a few words takes microseconds)
         sock.close()
         assert wait_for(lambda: _metric(url, closed) >= 1), "the server did not notice the disconnect"
     assert wait_for(lambda: _metric(url, cancelled) == before_cancelled + 1)

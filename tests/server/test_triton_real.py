@@ -151,6 +151,63 @@ def test_statistics_count_served_requests(triton: Any) -> None:
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 1
 
 
+def _engine_count(engine: Any, name: str, labels: dict[str, str]) -> float:
+    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_embedding_and_logits_come_from_one_forward_pass(triton: Any, real_engine: Any) -> None:
+    """Asking a classifier for EMBEDDING and LOGITS (and LABEL) is one engine request and one batch."""
+    requests = ("ptmserve_requests_total", {"model": CLS, "outcome": "success"})
+    batches = ("ptmserve_compute_seconds_count", {"model": CLS})
+    before = [_engine_count(real_engine, *requests), _engine_count(real_engine, *batches)]
+    outputs = [httpclient.InferRequestedOutput(n) for n in ("EMBEDDING", "LOGITS", "LABEL")]
+    result = triton.infer(CLS, [_text_input(TEXTS)], outputs=outputs)
+    after = [_engine_count(real_engine, *requests), _engine_count(real_engine, *batches)]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1]
+    want = real_engine.classify(CLS, TEXTS)
+    np.testing.assert_allclose(result.as_numpy("LOGITS"), want.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("EMBEDDING"), want.embeddings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("EMBEDDING"), real_engine.embed(CLS, TEXTS).embeddings, rtol=1e-5, atol=1e-6
+    )
+    assert [b.decode() for b in result.as_numpy("LABEL")] == want.labels
+
+
+def test_statistics_report_the_engine_queue_and_compute_times(tiny_repo: Any) -> None:
+    """A fresh engine: after 3 sequential requests of 2 inputs, every figure is non-zero and consistent."""
+    engine = open_engine(tiny_repo)
+    try:
+        with running_server(engine) as url:
+            client = _client(url)
+            for i in range(3):
+                client.infer(EMB, [_text_input(TEXTS[i : i + 2])])
+            stats = client.get_inference_statistics(EMB)["model_stats"][0]
+            everything = client.get_inference_statistics()["model_stats"]
+            client.close()
+    finally:
+        engine.close(drain_seconds=5)
+    inf = stats["inference_stats"]
+    assert stats["inference_count"] == 6 and inf["success"]["count"] == 3 and inf["fail"]["count"] == 0
+    assert inf["queue"]["count"] == 3 and inf["queue"]["ns"] > 0  # one queue wait per request
+    assert stats["execution_count"] == inf["compute_infer"]["count"] == 3  # one batch each: sequential
+    assert inf["compute_infer"]["ns"] > 0
+    # Each request's latency holds its queue wait and its batch's compute.
+    assert inf["queue"]["ns"] + inf["compute_infer"]["ns"] <= inf["success"]["ns"]
+    assert stats["batch_stats"] == [
+        {
+            "batch_size": 1,
+            "compute_input": {"count": 0, "ns": 0},
+            "compute_infer": {"count": 3, "ns": 0},
+            "compute_output": {"count": 0, "ns": 0},
+        }
+    ]
+    assert stats["last_inference"] > 0
+    by_name = {m["name"]: m for m in everything}
+    assert set(by_name) == {EMB, CLS}
+    assert by_name[EMB]["inference_stats"] == inf
+    assert by_name[CLS]["execution_count"] == 0 and by_name[CLS]["batch_stats"] == []
+
+
 def test_repository_index_load_unload_under_explicit_control(tiny_repo: Any) -> None:
     engine = open_engine(tiny_repo, model_control="explicit")
     try:

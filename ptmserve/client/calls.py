@@ -1,7 +1,8 @@
 """Pure request builders and response parsers shared by the sync and async clients (no I/O).
 
 The client speaks KServe v2 with binary tensor data: inputs go as ``TEXT`` or ``INPUT_IDS`` (+
-``ATTENTION_MASK`` for ragged token lists), outputs come back as binary FP32/BYTES tensors.
+``ATTENTION_MASK`` for ragged token lists), outputs come back as binary FP32/BYTES tensors. The wire
+format and the error table are ``ptmserve.protocol``'s, as the server's are; nothing here imports the server.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 
 from ptmserve.engine.api import ClassifyResult, EmbedResult
 from ptmserve.errors import InvalidInput, PtmError
-from ptmserve.server import codecs
-from ptmserve.server.errors import status_to_error
+from ptmserve.protocol import codecs
+from ptmserve.protocol.errors import error_message, status_to_error
 
 TextOrIds = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
@@ -130,18 +131,8 @@ def raise_for_status(status: int, body: bytes) -> None:
     """Raise the ``ptmserve.errors`` class the server's error table maps ``status`` from."""
     if 200 <= status < 300:
         return
-    message = _error_message(body) or f"HTTP {status}"
+    message = error_message(body) or f"HTTP {status}"
     cls = status_to_error(status)
     if cls is None:
         raise ServerError(message, status)
     raise cls(message)
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", errors="replace")
-    if isinstance(err, dict):  # OpenAI style
-        return str(err.get("message", ""))
-    return str(err or "")

@@ -1,6 +1,7 @@
 """KServe v2 inference bodies, JSON and the binary tensor data extension, in both directions.
 
-Pure functions over bytes and numpy (no HTTP, no torch), shared by the server and ``ptmserve.client``.
+Pure functions over bytes and numpy (no HTTP server, no torch), shared by the server and
+``ptmserve.client``.
 Binary layout (Triton's ``binary_tensor_data`` extension): the JSON header, then each binary tensor's
 bytes in the order the tensors appear in the JSON; the ``Inference-Header-Content-Length`` HTTP header
 gives the JSON part's length. Numbers are little-endian, row-major; a BYTES element is a 4-byte
@@ -14,14 +15,16 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ptmserve.errors import InvalidInput, PayloadTooLarge
-from ptmserve.server.tensors import (
+from ptmserve.protocol.tensors import (
     DATATYPES,
     MAX_DIMS,
+    MAX_ELEMENTS,
     NUMERIC_DTYPES,
     InferRequest,
     InferResponse,
@@ -35,6 +38,7 @@ from ptmserve.server.tensors import (
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "ShapeCheck",
     "NUMERIC_DTYPES",
     "InferRequest",
     "InferResponse",
@@ -52,6 +56,10 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# Called with (tensor name, datatype, shape) once a tensor's shape is read, before its data is decoded:
+# a receiver refuses shapes beyond its limits here, before allocating anything for them.
+ShapeCheck = Callable[[str, str, tuple[int, ...]], None]
 
 # --------------------------------------------------------------------------------------------- decode
 
@@ -93,16 +101,27 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict[str, 
     return obj, memoryview(body)[n:]
 
 
-def decode_infer_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
-    """Parse a KServe v2 inference request (JSON, optionally followed by binary tensor data)."""
+def decode_infer_request(
+    body: bytes, header_length: str | int | None = None, check_shape: ShapeCheck | None = None
+) -> InferRequest:
+    """Parse a KServe v2 inference request (JSON, optionally followed by binary tensor data).
+
+    ``check_shape`` sees each input's name, datatype and shape before its data is decoded.
+    """
     obj, tail = split_body(body, header_length)
     raw_inputs = obj.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     reader = _TailReader(tail)
-    inputs = [_decode_tensor(t, reader, "input") for t in raw_inputs]
+    inputs: list[Tensor] = []
+    seen: set[str] = set()
+    for raw in raw_inputs:
+        t = _decode_tensor(raw, reader, "input", check_shape)
+        if t.name in seen:  # checked as we go, so a body of many tensors stops at the first repeat
+            raise InvalidInput(f"input names must be unique: {t.name!r} appears twice")
+        seen.add(t.name)
+        inputs.append(t)
     reader.finish()
-    _no_duplicates([t.name for t in inputs], "input")
     outputs = None
     if "outputs" in obj and obj["outputs"] is not None:
         outputs = _decode_requested_outputs(obj["outputs"])
@@ -153,7 +172,7 @@ class _TailReader:
             )
 
 
-def _decode_tensor(raw: Any, reader: _TailReader, what: str) -> Tensor:
+def _decode_tensor(raw: Any, reader: _TailReader, what: str, check_shape: ShapeCheck | None = None) -> Tensor:
     if not isinstance(raw, dict):
         raise InvalidInput(f"each {what} must be a JSON object")
     name = raw.get("name")
@@ -163,6 +182,8 @@ def _decode_tensor(raw: Any, reader: _TailReader, what: str) -> Tensor:
     if datatype not in DATATYPES:
         raise InvalidInput(f"{what} {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     shape = _shape(raw.get("shape"), name)
+    if check_shape is not None:
+        check_shape(name, datatype, shape)
     count = math.prod(shape)
     params = _parameters(raw, f"{what} {name!r}")
     size = params.get("binary_data_size")
@@ -184,6 +205,13 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
         raise InvalidInput(
             f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative integers"
         )
+    # Zero dimensions count as 1: an empty tensor of shape [0, 2**63] still cannot be built.
+    if math.prod(max(d, 1) for d in raw) > MAX_ELEMENTS:
+        shown = str(raw) if len(str(raw)) <= 120 else str(raw)[:117] + "..."
+        raise InvalidInput(
+            f"tensor {name!r}: shape {shown} is too large (its dimensions, zeros counted as 1, "
+            f"multiply to more than {MAX_ELEMENTS})"
+        )
     return tuple(raw)
 
 
@@ -200,8 +228,10 @@ def _from_binary(chunk: memoryview, datatype: str, count: int, name: str) -> np.
 
 
 def _from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
-    flat = _flatten(data, name)
-    if len(flat) != count:
+    flat = _flatten(data, name, count)
+    if len(flat) > count:
+        raise InvalidInput(f"tensor {name!r}: more data elements than the {count} its shape holds")
+    if len(flat) < count:
         raise InvalidInput(f"tensor {name!r}: {len(flat)} data elements for a shape of {count} elements")
     if datatype == "BYTES":
         if not all(isinstance(x, str) for x in flat):
@@ -224,10 +254,16 @@ def _from_json(data: Any, datatype: str, count: int, name: str) -> np.ndarray:
         raise InvalidInput(f"tensor {name!r}: a data element is out of range for {datatype}") from None
 
 
-def _flatten(data: Any, name: str) -> list[Any]:
-    """Row-major elements of a (possibly nested) JSON list; a scalar counts as one element."""
+def _flatten(data: Any, name: str, count: int) -> list[Any]:
+    """Row-major elements of a (possibly nested) JSON list; a scalar counts as one element.
+
+    Stops after ``count + 1`` elements: the caller refuses any other number, so the work stays bounded
+    by the declared shape, not by the data sent.
+    """
     if not isinstance(data, list):
         return [data]
+    if len(data) > count:
+        return data[: count + 1]
     out: list[Any] = []
     stack: list[Any] = [iter(data)]
     while stack:
@@ -240,6 +276,8 @@ def _flatten(data: Any, name: str) -> list[Any]:
             stack.append(iter(item))
         else:
             out.append(item)
+            if len(out) > count:
+                break
     return out
 
 

@@ -30,6 +30,9 @@ NUMERIC_DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES = (*NUMERIC_DTYPES, "BYTES")
 MAX_DIMS = 8
+# The most elements a shape may describe, zero dimensions counted as 1: numpy refuses larger shapes even
+# for an empty array, and no tensor of this protocol comes near it.
+MAX_ELEMENTS = 2**32
 
 
 @dataclass(slots=True)
