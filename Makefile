@@ -6,8 +6,12 @@ REPO ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+SOAK_STAMP := $(VENV)/.soak-installed
+SOAK_MINUTES ?= 10
+SOAK_INTERVAL_S ?= 60
+SOAK_OUT ?= soak-out
 
-.PHONY: setup serve test lint format bench clean
+.PHONY: setup serve test lint format bench soak fuzz clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +41,19 @@ format: setup
 
 bench: setup
 	$(PY) -m ptmserve.cli.main bench encoder --json bench-encoder.json
+
+$(SOAK_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,soak]'
+	touch $@
+
+# Not in CI. Mixed traffic against a real server for SOAK_MINUTES (docs/soak.md); exit 1 on a leak or a
+# request without an answer. Writes soak.csv, soak.png, soak.json and server.log to SOAK_OUT.
+soak: $(SOAK_STAMP)
+	$(PY) -m ptmserve.bench.soak --minutes $(SOAK_MINUTES) --interval-s $(SOAK_INTERVAL_S) --out $(SOAK_OUT)
+
+# Not in CI. The HTTP fuzz tests with many more examples than the test suite's default.
+fuzz: setup
+	PTMSERVE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/server/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
