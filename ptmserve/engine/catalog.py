@@ -180,6 +180,11 @@ class ModelCatalog:
 
     # -- tokenization ---------------------------------------------------------------------------------
 
+    def has_tokenizer(self, name: str) -> bool:
+        """Whether ``name``'s tokenizer is parsed already (so tokenizing a little text is cheap)."""
+        with self._lock:
+            return name in self._tokenizers
+
     def tokenizer(self, name: str) -> TextTokenizer:
         """``name``'s tokenizer, parsed on first use (off the event loop: callers run in threads)."""
         e = self.entry(name)

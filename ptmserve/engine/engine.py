@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 Inputs = Sequence[str] | Sequence[Sequence[int]]
 _FLOATING = ("float32", "bfloat16", "float16")
+# Requests up to this size are prepared on the caller's event loop (characters or token ids in all).
+_INLINE_INPUTS = 32
+_INLINE_UNITS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +315,12 @@ class Engine:
         return await self._asubmit(model, inputs, options, classify=True)
 
     async def _asubmit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool):  # noqa: ANN202
-        """Prepare on the pool (tokenizing never blocks the event loop), then await the result.
-        Cancelling the caller cancels the request, whichever stage it is in."""
+        """Prepare on the pool, so that tokenizing a large request never blocks the event loop, then
+        await the result. A small request whose tokenizer is ready is prepared on the loop itself: two
+        thread hand-offs would cost it more (GIL switches) than its tokenizing does. Cancelling the
+        caller cancels the request, whichever stage it is in."""
+        if self._cheap_to_prepare(model, inputs):
+            return await asyncio.wrap_future(self._submit(model, inputs, options, classify=classify))
         prepared = self._preparers.submit(self._submit, model, inputs, options, classify=classify)
         try:
             result = await asyncio.wrap_future(prepared)
@@ -323,6 +330,21 @@ class Engine:
             )
             raise
         return await asyncio.wrap_future(result)
+
+    def _cheap_to_prepare(self, model: str, inputs: Inputs) -> bool:
+        """Small enough to validate and tokenize in well under a millisecond, with the tokenizer parsed."""
+        if (
+            not isinstance(inputs, Sequence)
+            or isinstance(inputs, (str, bytes))
+            or len(inputs) > _INLINE_INPUTS
+        ):
+            return False
+        size = 0
+        for x in inputs:
+            if not isinstance(x, (str, Sequence)):
+                return False
+            size += len(x)
+        return size <= _INLINE_UNITS and self.catalog.has_tokenizer(model)
 
     def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
         if not self._accepting:

@@ -221,9 +221,10 @@ class Scheduler:
             stats = self.stats[req.model] = ModelStats()
         stats.arrive(now, self.limits.rate_window_s)
 
-    def cancel(self, request_id: int) -> Request | None:
-        """Cancel a live request: a queued one leaves its queue now (its slot is free at once); one in the
-        step running now is not continued after it. Returns the request, or None when it is not live."""
+    def cancel(self, request_id: int, status: RequestStatus = RequestStatus.CANCELLED) -> Request | None:
+        """End a live request as ``status`` (CANCELLED, or FAILED when the engine gives up on it): a
+        queued one leaves its queue now (its slot is free at once); one in the step running now is not
+        continued after it. Returns the request, or None when it is not live."""
         req = self.queues.get(request_id)
         if req is not None:
             self.queues.remove(req)
@@ -231,7 +232,7 @@ class Scheduler:
             req = self.running.get(request_id)
             if req is None:
                 return None
-        self._end(req, RequestStatus.CANCELLED)
+        self._end(req, status)
         return req
 
     def expire(self, now: float | None = None) -> list[Request]:

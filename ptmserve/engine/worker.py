@@ -96,6 +96,7 @@ class Worker:
         self._controls: queue.SimpleQueue[_Control] = queue.SimpleQueue()
         self._load_events: queue.SimpleQueue[MemoryEvent] = queue.SimpleQueue()
         self._current: Step | None = None  # the step executing now
+        self._timer_wakes_at = 0.0  # when the deadline timer looks next (clock seconds)
         self._published: dict[str, set[str]] = {}  # tier -> models whose resident bytes /metrics shows
         self._stopping = False
         self._closed = False
@@ -125,7 +126,8 @@ class Worker:
             raise
         work_of(req).future.add_done_callback(lambda f: self._cancelled(req) if f.cancelled() else None)
         self._news.set()
-        self._deadlines_moved.set()
+        if req.deadline < self._timer_wakes_at:  # the timer sleeps past this deadline: wake it
+            self._deadlines_moved.set()
 
     def drop(self, model: str, error: PtmError) -> int:
         """Fail every queued request of ``model`` with ``error`` (it was unloaded). Returns how many."""
@@ -254,12 +256,19 @@ class Worker:
             return
         self._publish_step(step, output)
         for r in step.batch:
+            if r.status is RequestStatus.CANCELLED:
+                continue
             work = work_of(r)
             work.embeddings.append(output.embeddings[r.id])
             if work.classify:
                 work.logits.append(output.logits[r.id])
         for r in finished:
-            self._deliver(r)
+            try:
+                self._deliver(r)
+            except Exception:  # noqa: BLE001 - e.g. the model vanished meanwhile: answer, do not hang
+                logger.exception("delivering request %d of %s failed", r.id, r.model)
+                error = PtmError(f"internal error while answering a request for {r.model!r}")
+                self._end(r, error, Outcome.ERROR)
 
     def _deliver(self, req: Request) -> None:
         work = work_of(req)
@@ -283,10 +292,18 @@ class Worker:
         step, self._current = self._current, None
         if step is None:
             return
-        with self._lock, contextlib.suppress(RuntimeError):  # RuntimeError: it was reported already
-            self._scheduler.on_step_done(step, 0.0, ok=False)
+        with self._lock:
+            with contextlib.suppress(RuntimeError):  # RuntimeError: it was reported already
+                self._scheduler.on_step_done(step, 0.0, ok=False)
+            # Whatever state the crash left them in, the step's requests that are not answered and not
+            # queued for a next part are failed.
+            stranded = [
+                r for r in step.batch if not work_of(r).future.done() and r.id not in self._scheduler.queues
+            ]
+            for r in stranded:
+                self._scheduler.cancel(r.id, RequestStatus.FAILED)  # out of the running set
         error = PtmError("internal error while running this request; see the server log")
-        self._end_all([(r, error, Outcome.ERROR) for r in step.batch if r.status is RequestStatus.FAILED])
+        self._end_all([(r, error, Outcome.ERROR) for r in stranded])
 
     # -- the deadline timer ---------------------------------------------------------------------------
 
@@ -304,12 +321,12 @@ class Worker:
             now = self._scheduler.clock()
             expired = self._scheduler.expire(now)
             nxt = self._scheduler.next_deadline()
+            # Bounded: a far deadline (years away) must not overflow the wait; earlier news wakes it.
+            sleep = _MAX_TIMER_SLEEP_S if nxt is None else min(_MAX_TIMER_SLEEP_S, max(0.0, nxt - now))
+            self._timer_wakes_at = now + sleep
         late = DeadlineExceeded("the request could not start before its deadline")
         self._end_all([(r, late, Outcome.TIMEOUT) for r in expired])
-        # Bounded: a far deadline (years away) must not overflow the wait, and news wakes it anyway.
-        self._deadlines_moved.wait(
-            _MAX_TIMER_SLEEP_S if nxt is None else min(_MAX_TIMER_SLEEP_S, max(0.0, nxt - now))
-        )
+        self._deadlines_moved.wait(sleep)
 
     # -- outcomes and metrics: the one place ----------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]  # our parameter names -> CPU tensors in the stored dtype
     tokenizer_json: bytes  # the folder's tokenizer.json, unchanged
     source: Path
+    generation: dict[str, Any] = field(default_factory=dict)  # a decoder's chat template, special tokens
 
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:

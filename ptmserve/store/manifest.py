@@ -7,7 +7,7 @@ tensor with its layer group and exact location (segment file, offset, length, sh
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -157,6 +157,8 @@ class ModelManifest:
     groups: dict[str, tuple[TensorEntry, ...]]  # in execution order
     max_length: int | None = None  # truncation length in tokens (specials included); None: the config's
     architecture: str = ""  # the registry name of its family (``models.registry``)
+    # generation settings of a decoder (chat template, special tokens ...); empty for encoders
+    generation: dict[str, Any] = field(default_factory=dict)
 
     def group_names(self) -> list[str]:
         """The layer groups in execution order (``embeddings``, ``layers.0`` ... , ``head``)."""
@@ -203,6 +205,7 @@ def manifest_to_json(m: ModelManifest | ManifestDoc) -> dict[str, Any]:
         "config": m.config,
         "pooling": m.pooling,
         "max_length": m.max_length,
+        "generation": m.generation,
         "tokenizer": {"segment": t.segment, "offset": t.offset, "nbytes": t.nbytes, "sha256": t.sha256},
         "groups": [
             {
@@ -237,6 +240,7 @@ class ManifestDoc:
     groups: dict[str, tuple[TensorEntry, ...]]
     max_length: int | None = None
     architecture: str = ""
+    generation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tensors(self) -> tuple[TensorEntry, ...]:
@@ -253,6 +257,7 @@ class ManifestDoc:
             self.groups,
             self.max_length,
             self.architecture,
+            self.generation,
         )
 
 

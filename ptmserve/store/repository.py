@@ -226,6 +226,7 @@ class Repository:
         progress: writer.ProgressFn | None = None,
         architecture: str = "",
         group_order: Sequence[str] = (),
+        generation: Mapping[str, Any] | None = None,
     ) -> ModelManifest:
         """Store a model atomically, replacing any model of the same name.
 
@@ -242,6 +243,7 @@ class Repository:
             tensors: our parameter names -> tensors (any device; the group is the name's prefix).
             max_length: truncation length in tokens, special tokens included (None: the config's).
             group_order: the load groups in execution order (the family's); others sort by name.
+            generation: a decoder's generation settings (chat template, special tokens), JSON-serialisable.
             progress: called as ``progress(new_bytes_written, new_bytes_total)`` per new segment.
 
         Returns:
@@ -268,6 +270,7 @@ class Repository:
                 progress=progress,
                 architecture=architecture,
                 group_order=group_order,
+                generation=generation,
             )
         return self.manifest(name)
 

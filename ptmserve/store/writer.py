@@ -131,6 +131,7 @@ def write_model(
     progress: ProgressFn | None = None,
     architecture: str = "",
     group_order: Sequence[str] = (),
+    generation: Mapping[str, Any] | None = None,
 ) -> ManifestDoc:
     """Store a model's new bytes and publish its manifest (the caller holds the repository lock).
 
@@ -155,9 +156,11 @@ def write_model(
     if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
         raise errors.InvalidInput(f"max_length must be a positive int or None, got {max_length!r}")
     try:
-        json.dumps([config, pooling])
+        json.dumps([config, pooling, dict(generation or {})])
     except (TypeError, ValueError) as exc:
-        raise errors.InvalidInput(f"config and pooling must be JSON-serialisable: {exc}") from None
+        raise errors.InvalidInput(
+            f"config, pooling and generation must be JSON-serialisable: {exc}"
+        ) from None
 
     placed, builders = _plan(_prepare(tensors, group_order), _Reuse(paths.segments, existing))
     ids = {g: b.segment_id for g, b in builders.items()}
@@ -195,6 +198,7 @@ def write_model(
         groups,
         max_length,
         architecture or config.get("family", ""),
+        dict(generation or {}),
     )
     body = json.dumps(manifest_to_json(doc), indent=1).encode()
     tmp = fsio.write_temp(paths.tmp, [body], suffix=".json.tmp")

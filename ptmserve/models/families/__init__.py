@@ -4,4 +4,4 @@ To add a family: write ``families/<name>.py`` with its config, name table, modul
 ``register`` a ``Family`` at the end of it, and import it here. Nothing else changes.
 """
 
-from ptmserve.models.families import bert, distilbert, roberta  # noqa: F401 - each registers itself
+from ptmserve.models.families import bert, distilbert, gpt2, llama, roberta  # noqa: F401 - each registers itself
