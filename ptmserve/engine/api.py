@@ -14,6 +14,7 @@ import numpy as np
 class ModelKind(str, Enum):
     EMBEDDING = "embedding"  # returns pooled (and maybe normalised) embeddings
     CLASSIFIER = "classifier"  # also has a sequence-classification head: logits and labels
+    GENERATOR = "generator"  # a text generation model (GPT-2, LLaMA); generation is not served yet
 
 
 class ModelState(str, Enum):

@@ -38,6 +38,13 @@ class CatalogEntry:
     config: ModelConfig
     max_tokens: int  # the truncation length
     device_bytes: int  # its weights on the device, in the compute dtype
+    generates: bool = False  # a text generation model (its family's ``generates``)
+
+    @property
+    def kind(self) -> ModelKind:
+        if self.generates:
+            return ModelKind.GENERATOR
+        return ModelKind.CLASSIFIER if self.config.labels else ModelKind.EMBEDDING
 
 
 class ModelCatalog:
@@ -91,11 +98,12 @@ class ModelCatalog:
         if cached is not None and cached.manifest is manifest:
             return cached
         try:
-            config = registry.config_from_dict(manifest.architecture, manifest.config)
+            family = registry.get(manifest.architecture)
+            config = family.config_from_dict(manifest.config)
         except PtmError as exc:
             raise CorruptData(f"model {name!r}: its stored config cannot be used: {exc.message}") from None
         max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
-        return CatalogEntry(manifest, config, max_tokens, self._device_bytes(manifest))
+        return CatalogEntry(manifest, config, max_tokens, self._device_bytes(manifest), family.generates)
 
     def names(self) -> list[str]:
         """Every model in the repository, damaged ones included, sorted."""
@@ -167,7 +175,7 @@ class ModelCatalog:
             )
         return ModelInfo(
             name=name,
-            kind=ModelKind.CLASSIFIER if e.config.labels else ModelKind.EMBEDDING,
+            kind=e.kind,
             dim=e.config.hidden_size,
             labels=tuple(e.config.labels),
             max_tokens=e.max_tokens,

@@ -22,6 +22,7 @@ from ptmserve.engine.api import (
     EmbedResult,
     InferenceOptions,
     ModelInfo,
+    ModelKind,
     ModelState,
     TierUsage,
 )
@@ -254,7 +255,7 @@ class Engine:
         not pay for the load and the kernels' first-call set-up. A model that fails is marked unavailable
         with the reason and the next one is tried; an empty repository does nothing."""
         for info in self.models():
-            if info.state is not ModelState.READY:
+            if info.state is not ModelState.READY or info.kind is ModelKind.GENERATOR:
                 continue
             try:
                 self.embed(info.name, ["warm up"], InferenceOptions(priority=2, timeout_us=300_000_000))
@@ -353,6 +354,11 @@ class Engine:
         entry = self.catalog.entry(model)  # raises ModelNotFound, CorruptData
         if state is not ModelState.READY:
             raise NotReady(f"model {model!r} is not ready: {reason}")
+        if entry.generates:
+            raise InvalidInput(
+                f"model {model!r} is a text generation model: it has no embeddings or labels, and this "
+                "version of ptmserve does not serve text generation yet"
+            )
         if classify and not entry.config.labels:
             raise InvalidInput(f"model {model!r} has no classification head; use embeddings")
         token_ids = self.catalog.tokenize(model, inputs)

@@ -66,6 +66,7 @@ class Family:
     names: NameTable  # checkpoint names -> ours, with transform hooks
     build: Callable[[Any], nn.Module]  # the module of a config; call it under ``torch.device("meta")``
     group_names: Callable[[Any], list[str]]  # load groups of a config, in execution order
+    generates: bool = False  # a text generation model (its module runs ``step_stages``), not an encoder
 
     def shape_key(self, config: ModelConfig) -> str:
         """Models whose configs give the same key share skeletons (label names do not matter)."""

@@ -140,3 +140,24 @@ def test_a_deadline_centuries_away_does_not_stop_the_deadline_timer(repo_dir: Pa
                 engine.embed("b-second", ["hello"], InferenceOptions(priority=1, timeout_us=50_000))
             finally:
                 gate.set()
+
+
+def test_a_text_generation_model_is_listed_and_refused_clearly(tmp_path: Path, repo_dir: Path) -> None:
+    import transformers
+
+    from tests.models.tiny import tiny_tokenizer, tiny_vocab_size
+
+    folder = tmp_path / "gpt2"
+    torch_cfg = transformers.GPT2Config(
+        vocab_size=tiny_vocab_size("bert"), n_positions=64, n_embd=32, n_layer=2, n_head=4
+    )
+    transformers.GPT2LMHeadModel(torch_cfg).save_pretrained(folder)
+    tiny_tokenizer("bert").save(str(folder / "tokenizer.json"))
+    import_checkpoint(Repository(repo_dir), folder, "tiny-gpt2", dtype="float32")
+    with open_engine(repo_dir) as engine:
+        engine.warm_up()  # skips it: it cannot embed
+        info = engine.model_info("tiny-gpt2")
+        assert info.kind.value == "generator" and info.state is ModelState.READY
+        with pytest.raises(errors.InvalidInput, match="text generation model"):
+            engine.embed("tiny-gpt2", ["hello"], RT)
+        assert engine.embed("a-first", ["hello"], RT).embeddings.shape == (1, 32)

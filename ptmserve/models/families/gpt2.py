@@ -223,5 +223,6 @@ FAMILY = register(
         names=NAMES,
         build=GPT2,
         group_names=decoder_group_names,
+        generates=True,
     )
 )

@@ -232,5 +232,6 @@ FAMILY = register(
         names=NAMES,
         build=Llama,
         group_names=decoder_group_names,
+        generates=True,
     )
 )
