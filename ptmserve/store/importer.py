@@ -1,4 +1,4 @@
-"""Import a Hugging Face checkpoint folder into the repository."""
+"""Import a Hugging Face checkpoint folder or a GGUF file into the repository."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from ptmserve.store.manifest import MODEL_DTYPES, ModelManifest, dtype_name, tor
 from ptmserve.store.repository import Repository
 from ptmserve.store.writer import ProgressFn
 
+if TYPE_CHECKING:
+    from ptmserve.models.hf import Checkpoint
+
 logger = logging.getLogger(__name__)
 
 IMPORT_DTYPES = ("auto", *MODEL_DTYPES)
@@ -23,30 +26,30 @@ _LOG_EVERY = 256 << 20  # log progress every this many new bytes
 
 
 def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto") -> ModelManifest:
-    """Read the checkpoint folder ``src`` and store it as model ``name`` (replacing one of that name).
+    """Read the checkpoint ``src`` and store it as model ``name`` (replacing one of that name).
 
     Args:
         repo: the target repository.
-        src: a Hugging Face checkpoint folder (config.json, weights, tokenizer.json).
+        src: a Hugging Face checkpoint folder (config.json, weights, tokenizer.json), or a GGUF file
+            (``models.gguf``: its weights are dequantized to float32).
         name: the model name.
-        dtype: "auto" keeps the checkpoint's floating dtype; "float32", "bfloat16" or "float16"
-            casts every floating tensor (integer tensors are kept as they are).
+        dtype: "auto" keeps the checkpoint's floating dtype (float32 for a GGUF file); "float32",
+            "bfloat16" or "float16" casts every floating tensor (integer tensors are kept as they are).
 
     Returns:
         The stored manifest.
 
     Raises:
         errors.InvalidInput: bad name or dtype.
-        errors.InvalidCheckpoint: the folder cannot be read as a supported checkpoint.
+        errors.InvalidCheckpoint: ``src`` cannot be read as a supported checkpoint.
     """
     from ptmserve.models import registry  # heavy imports, only needed here
-    from ptmserve.models.hf import read_checkpoint
 
     validate_name(name)
     if dtype not in IMPORT_DTYPES:
         raise errors.InvalidInput(f"import dtype must be one of {IMPORT_DTYPES}, got {dtype!r}")
     started = time.monotonic()
-    ckpt = read_checkpoint(Path(src))
+    ckpt = read_source(Path(src))
     tensors = dict(ckpt.tensors)
     target = checkpoint_dtype(tensors) if dtype == "auto" else dtype
     if dtype != "auto":
@@ -62,6 +65,7 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         progress=_progress_logger(name),
         architecture=ckpt.architecture,
         group_order=registry.get(ckpt.architecture).group_names(ckpt.config),
+        generation=ckpt.generation,
     )
     logger.info(
         "imported %s from %s as %s: %d tensors, %.1f MB in %.2f s",
@@ -73,6 +77,22 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         time.monotonic() - started,
     )
     return manifest
+
+
+def read_source(src: Path) -> Checkpoint:
+    """The checkpoint in ``src``: a file (or a missing ``*.gguf``) is read as GGUF, a folder as a Hugging
+    Face checkpoint.
+
+    Raises:
+        errors.InvalidCheckpoint: ``src`` cannot be read as a supported checkpoint.
+    """
+    if src.is_file() or (src.suffix.lower() == ".gguf" and not src.is_dir()):
+        from ptmserve.models.gguf import read_gguf
+
+        return read_gguf(src)
+    from ptmserve.models.hf import read_checkpoint
+
+    return read_checkpoint(src)
 
 
 def checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -292,6 +292,9 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
         architecture = doc.get("architecture") or doc["config"].get("family")
         if not isinstance(architecture, str) or not architecture:
             raise ValueError(f"bad architecture {architecture!r}")
+        generation = doc.get("generation") or {}
+        if not isinstance(generation, dict):
+            raise ValueError(f"bad generation settings {generation!r}")
         return ManifestDoc(
             name,
             doc["config"],
@@ -301,6 +304,7 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
             groups,
             max_length,
             architecture,
+            dict(generation),
         )
     except (KeyError, TypeError, ValueError, errors.InvalidInput) as exc:
         raise errors.CorruptData(f"the manifest {where} is malformed: {exc}") from None

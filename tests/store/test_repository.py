@@ -216,3 +216,20 @@ def test_manifest_is_plain_json_on_disk(repo: Repository) -> None:
 def test_missing_root_without_create(tmp_path) -> None:
     with pytest.raises(errors.InvalidConfig, match="does not exist"):
         Repository(tmp_path / "nope", create=False)
+
+
+def test_generation_settings_round_trip_through_the_manifest(tmp_path) -> None:
+
+    repo = Repository(tmp_path / "repo")
+    settings = {"chat_template": "{{ messages }}", "eos_token_id": 2, "eos_token": "</s>"}
+    stored = repo.add_model(
+        "dec",
+        config={"family": "bert"},
+        pooling={},
+        tokenizer_json=b"{}",
+        dtype="float32",
+        tensors={"embeddings.word.weight": torch.zeros(4, 2)},
+        generation=settings,
+    )
+    assert stored.generation == settings
+    assert Repository(tmp_path / "repo").manifest("dec").generation == settings
