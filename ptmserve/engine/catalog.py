@@ -121,22 +121,22 @@ class ModelCatalog:
         """
         validate_name(name)
         self.refresh()
+        found = self._lookup(name)
+        if found is None:
+            self.refresh(force=True)  # imported a moment ago?
+            found = self._lookup(name)
+        if found is None:
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        return found
+
+    def _lookup(self, name: str) -> CatalogEntry | None:
+        """The entry of ``name`` as last refreshed, None when not listed; CorruptData when damaged."""
         with self._lock:
             found = self._entries.get(name)
             damaged = self._damaged.get(name)
-        if found is not None:
-            return found
         if damaged is not None:
             raise CorruptData(damaged)
-        self.refresh(force=True)  # imported a moment ago?
-        with self._lock:
-            found = self._entries.get(name)
-            damaged = self._damaged.get(name)
-        if found is not None:
-            return found
-        if damaged is not None:
-            raise CorruptData(damaged)
-        raise ModelNotFound(f"model {name!r} is not in the repository")
+        return found
 
     def damage(self, name: str) -> str | None:
         """Why ``name``'s manifest cannot be read, or None."""

@@ -11,7 +11,6 @@ no normalisation, and inputs are truncated at the model's longest position.
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,6 @@ from ptmserve.errors import InvalidCheckpoint
 from ptmserve.models import registry
 from ptmserve.models.config import Pooling
 from ptmserve.models.registry import Family, ModelConfig, check_tensors
-
-log = logging.getLogger(__name__)
 
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 _ST_POOLING = "sentence_transformers.models.Pooling"
