@@ -139,13 +139,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ptmserve.engine.engine import Engine, EngineSettings
-    from ptmserve.memory.allocator import return_freed_memory_to_os
     from ptmserve.server.serve import serve
     from ptmserve.server.settings import settings_from_args
     from ptmserve.store.repository import Repository
 
     server_settings = settings_from_args(args)
-    return_freed_memory_to_os()  # switching frees buffers of many sizes: keep RSS flat over hours
     engine = Engine(
         Repository(args.repo),
         EngineSettings(

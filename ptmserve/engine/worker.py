@@ -34,6 +34,7 @@ from ptmserve.engine.requests import Outcome, Request, RequestStatus
 from ptmserve.engine.runner import ModelRunner, RunnerOutput, work_of
 from ptmserve.engine.scheduler import Scheduler, Step
 from ptmserve.errors import DeadlineExceeded, NotReady, PtmError
+from ptmserve.memory.allocator import HeapTrimmer
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.records import MemoryEvent
 
@@ -98,6 +99,7 @@ class Worker:
         self._current: Step | None = None  # the step executing now
         self._timer_wakes_at = 0.0  # when the deadline timer looks next (clock seconds)
         self._published: dict[str, set[str]] = {}  # tier -> models whose resident bytes /metrics shows
+        self._heap = HeapTrimmer()  # evictions free buffers of many sizes: hand their pages back
         self._stopping = False
         self._closed = False
         self.failure: str | None = None  # why the loop stopped for good, if it did
@@ -195,6 +197,7 @@ class Worker:
             output = self._runner.execute(step)
             self._complete(step, output)
             self._current = None
+            self._heap.maybe_trim()
 
     def _run_controls(self) -> None:
         while True:
@@ -389,6 +392,7 @@ class Worker:
                 m.load_seconds.labels(event.model).inc(event.seconds)
         elif event.kind == "evict":
             m.evictions.labels(event.model, event.tier).inc()
+            self._heap.freed()
         elif event.kind == "load_failed":
             logger.warning("loading %s into the %s tier failed: %s", event.model, event.tier, event.error)
         if event.kind != "evict" and event.tier == "device":
