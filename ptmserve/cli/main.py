@@ -95,9 +95,16 @@ def _embedded_decoder_file() -> Path | None:
     return path
 
 
+def _existing_repo(folder: str) -> None:
+    """Refuse to read a repository folder that does not exist (opening one would create it)."""
+    if not Path(folder).is_dir():
+        raise PtmError(f"no model repository at {folder!r} (import a model there first, or pass --repo)")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from ptmserve.store.repository import Repository
 
+    _existing_repo(args.repo)
     repo = Repository(args.repo)
     usage = repo.usage()
     if not usage.models and not usage.unreadable:
@@ -124,6 +131,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ptmserve.store.repository import Repository
 
+    _existing_repo(args.repo)
     repo = Repository(args.repo)
     names = args.names or repo.names()
     bad = 0
@@ -293,8 +301,6 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ptmserve.errors import PtmError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(

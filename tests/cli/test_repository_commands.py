@@ -71,6 +71,7 @@ def test_import_then_models_lists_sizes_and_shared_bytes(
 
 
 def test_models_of_an_empty_repository(tmp_path: Path, cli: Callable[..., Run]) -> None:
+    (tmp_path / "empty").mkdir()
     run = cli("models", "--repo", tmp_path / "empty")
     assert run.code == 0 and run.out.strip() == f"no models in {tmp_path / 'empty'}"
 
@@ -185,3 +186,11 @@ def test_verify_finds_a_damaged_segment(
     assert cli("verify", "cls", "--repo", repo).code == 1
     run = cli("verify", "nope", "--repo", repo)
     assert run.code == 2 and "error: model 'nope' is not in the repository" in run.err, run
+
+
+@pytest.mark.parametrize("command", ["models", "verify"])
+def test_a_mistyped_repository_is_refused_not_created(cli, tmp_path: Path, command: str) -> None:
+    typo = tmp_path / "modles"
+    run = cli(command, "--repo", typo)
+    assert run.code == 2 and "no model repository" in run.err and str(typo) in run.err
+    assert not typo.exists()
