@@ -18,6 +18,7 @@ BENCHES = {
     "switch": "model switch times vs memcpy/disk limits and from_pretrained",
     "trace": "the multi-model trace under each scheduling policy (real engine or simulator)",
     "http": "HTTP throughput and latency vs the in-process API",
+    "generate": "text generation tokens/s and latency vs transformers, static batching and llama.cpp",
 }
 
 
@@ -165,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             zero_copy=args.zero_copy,
             truncate=server_settings.long_inputs == "truncate",
             max_batch_tokens=args.max_batch_tokens,
+            kv_cache_memory=args.kv_cache_memory,
             max_queue=args.max_queue,
             realtime_timeout_s=args.realtime_timeout,
             batch_timeout_s=args.batch_timeout,
@@ -227,6 +229,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-batch-tokens", type=int, default=8192, help="tokens in one batch (default %(default)s)"
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        default="1GiB",
+        help="byte budget of the text generation models' KV cache, in blocks of 16 tokens "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--max-queue", type=int, default=1024, help="queued requests per model and class before 429"

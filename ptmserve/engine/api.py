@@ -5,16 +5,23 @@ No torch here: results are numpy arrays, so the server layer never imports torch
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
+from ptmserve.errors import InvalidInput
+
 
 class ModelKind(str, Enum):
     EMBEDDING = "embedding"  # returns pooled (and maybe normalised) embeddings
     CLASSIFIER = "classifier"  # also has a sequence-classification head: logits and labels
-    GENERATOR = "generator"  # a text generation model (GPT-2, LLaMA); generation is not served yet
+    GENERATOR = "generator"  # a text generation model (GPT-2, LLaMA): completions and chat
 
 
 class ModelState(str, Enum):
@@ -65,3 +72,152 @@ class TierUsage:
     used_bytes: int
     budget_bytes: int
     per_model: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """How one generation request samples and when it stops (OpenAI's parameters)."""
+
+    max_tokens: int | None = None  # new tokens at most; None: until the context (or the KV cache) is full
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None  # the same seed and prompt give the same tokens, whatever shares the batch
+    stop: tuple[str, ...] = ()  # the text ends before the first of these (not included)
+    ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise InvalidInput(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if len(self.stop) > 16 or any(not isinstance(s, str) for s in self.stop):
+            raise InvalidInput("stop must be at most 16 strings")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    """New output of one step: text that is final (a possible stop-string prefix is held back)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """The whole output of a finished generation request."""
+
+    text: str  # everything generated (without the stop string or the end-of-sequence token)
+    token_ids: tuple[int, ...]  # every generated token (the end-of-sequence token included, if sampled)
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length" (max_tokens or context)
+    prompt_tokens: int  # after truncation
+    completion_tokens: int
+    first_token_seconds: float  # time from submission to the first token
+
+
+class Generation:
+    """A generation request in flight: iterate it (``for`` or ``async for``) for its chunks as they are
+    made, or wait for ``result()``. ``cancel()`` (or cancelling an awaiting task) ends it and frees its
+    KV cache blocks at the next step boundary.
+
+    The engine's step loop calls ``push`` and then finishes ``future``; the two are safe to call from any
+    thread.
+    """
+
+    def __init__(self, prompt_tokens: int, on_cancel: Callable[[], None] = lambda: None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.future: Future[GenerationResult] = Future()
+        self._chunks: deque[GenerationChunk] = deque()
+        self._cond = threading.Condition()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.future.add_done_callback(lambda _f: self._wake())
+
+    # -- the producer (the engine) --------------------------------------------------------------------
+
+    def push(self, chunk: GenerationChunk) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its consumer is gone
+                pass
+
+    # -- consumers ------------------------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """End the request now (its client went away). Returns False when it had finished already."""
+        return self.future.cancel()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the whole output. Raises the request's error (``DeadlineExceeded``, ``NotReady`` ...)."""
+        return self.future.result(timeout)
+
+    async def aresult(self) -> GenerationResult:
+        """``result`` for asyncio; cancelling the awaiting task cancels the request."""
+        try:
+            return await asyncio.wrap_future(self.future)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def _next(self) -> GenerationChunk | None:
+        """The next chunk, or None at the end (raising the request's error if it failed)."""
+        with self._cond:
+            if self._chunks:
+                return self._chunks.popleft()
+        if self.future.done():
+            with self._cond:
+                if self._chunks:  # pushed between the two looks
+                    return self._chunks.popleft()
+            if self.future.cancelled():
+                raise CancelledError()
+            self.future.result()  # raises its error, if any
+            return None
+        raise _NotYet
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._chunks) or self.future.done())
+            chunk = self._next()
+            if chunk is None:
+                return
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        waker = (loop, event)
+        with self._cond:
+            self._wakers.append(waker)
+        try:
+            while True:
+                event.clear()
+                try:
+                    chunk = self._next()
+                except _NotYet:
+                    await event.wait()
+                    continue
+                if chunk is None:
+                    return
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel()
+            raise
+        finally:
+            with self._cond:
+                self._wakers.remove(waker)
+
+
+class _NotYet(Exception):
+    """No chunk is ready and the request is still running."""

@@ -12,14 +12,17 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ptmserve.engine.api import (
     ClassifyResult,
     EmbedResult,
+    Generation,
+    GenerationParams,
     InferenceOptions,
     ModelInfo,
     ModelKind,
@@ -68,7 +71,9 @@ class EngineSettings:
     pipelined: bool = True  # a cold model computes layer i while layer i+1 loads
     truncate: bool = True  # inputs longer than the model's maximum are truncated (else refused)
     max_batch_requests: int = 64
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 8192  # tokens in one step; a longer prompt is prefilled in chunks
+    kv_cache_memory: int | str = "1GiB"  # byte budget of the generation models' KV cache
+    kv_block_size: int = 16  # token slots per KV cache block
     max_queue: int = 1024  # per model and class; a full queue rejects with Overloaded
     realtime_timeout_s: float = DEFAULT_REALTIME_TIMEOUT_S  # a real-time request sent without timeout
     batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S  # a batch request sent without a timeout
@@ -83,6 +88,9 @@ class EngineSettings:
                 raise InvalidConfig(f"{name} must be > 0, got {getattr(self, name)!r}")
         parse_size(self.host_memory)
         parse_size(self.device_memory)
+        parse_size(self.kv_cache_memory)
+        if self.kv_block_size < 1:
+            raise InvalidConfig(f"kv_block_size must be >= 1, got {self.kv_block_size}")
 
 
 class Engine:
@@ -378,6 +386,62 @@ class Engine:
         )
         self._worker.admit(request)  # raises Overloaded / DeadlineExceeded at once
         return work.future
+
+    # -- text generation ------------------------------------------------------------------------------
+
+    def complete(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """Start generating a continuation of ``prompt`` (a text, tokenized with the model's special
+        tokens, or token ids used as given). Returns at once; iterate the ``Generation`` for its chunks or
+        wait for its ``result()``.
+
+        The deadline (``options.timeout_us``, else the class's default) applies to the first token: a
+        request that cannot start in time fails with ``DeadlineExceeded``.
+
+        Raises (at once, nothing queued):
+            InvalidInput: not a text generation model, an empty prompt, bad parameters, or a prompt longer
+                than the model's context when the engine does not truncate (it keeps the prompt's end).
+            ModelNotFound, NotReady, Overloaded (its queue is full), DeadlineExceeded.
+            BudgetExceeded: the prompt plus ``max_tokens`` can never fit the KV cache budget.
+        """
+        raise NotImplementedError
+
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """Start the assistant's reply to ``messages`` (``{"role": ..., "content": ...}`` dicts), rendered
+        with the model's own chat template. Raises as ``complete``; also ``InvalidInput`` for malformed
+        messages or a model without a chat template."""
+        raise NotImplementedError
+
+    async def acomplete(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """``complete`` for asyncio: a long prompt is tokenized on a thread pool, not on the loop."""
+        raise NotImplementedError
+
+    async def achat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """``chat`` for asyncio."""
+        raise NotImplementedError
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
