@@ -6,6 +6,7 @@ No torch here: results are numpy arrays, so the server layer never imports torch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -147,10 +148,8 @@ class Generation:
             self._cond.notify_all()
             wakers = list(self._wakers)
         for loop, event in wakers:
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its consumer is gone
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that loop is closed: its consumer is gone
-                pass
 
     # -- consumers ------------------------------------------------------------------------------------
 

@@ -29,8 +29,9 @@ from ptmserve.engine.api import (
     ModelState,
     TierUsage,
 )
-from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.catalog import CatalogEntry, ModelCatalog
 from ptmserve.engine.device import resolve_device, resolve_dtype
+from ptmserve.engine.generation import GenerationRunner, GenerationWork
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import (
     DEFAULT_BATCH_TIMEOUT_S,
@@ -43,9 +44,12 @@ from ptmserve.engine.requests import (
 from ptmserve.engine.runner import ModelRunner, Work
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.worker import Worker
-from ptmserve.errors import InvalidConfig, InvalidInput, NotReady, PtmError
+from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.sizes import parse_size
+from ptmserve.models.chat import render_chat
+from ptmserve.models.sampling import SamplingParams
+from ptmserve.models.tokenizer import check_ids
 from ptmserve.store.manifest import dtype_name
 from ptmserve.store.repository import Repository
 
@@ -56,6 +60,7 @@ _FLOATING = ("float32", "bfloat16", "float16")
 # Requests up to this size are prepared on the caller's event loop (characters or token ids in all).
 _INLINE_INPUTS = 32
 _INLINE_UNITS = 2048
+KV_TIER = "kv"  # the KV cache's name among the tiers (metrics, ``tiers()``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +141,22 @@ class Engine:
             verify=settings.verify,
             zero_copy=settings.zero_copy,
         )
-        self._runner = ModelRunner(self.weights, self.catalog, self.device, servable=self._servable)
+        self.generation = GenerationRunner(
+            parse_size(settings.kv_cache_memory),
+            settings.kv_block_size,
+            self.device,
+            self.dtype,
+            clock=self._scheduler.clock,
+        )
+        self._runner = ModelRunner(
+            self.weights, self.catalog, self.device, self.generation, servable=self._servable
+        )
         self._worker = Worker(self._scheduler, self._runner, self.weights, self.catalog, self.metrics)
         self._preparers = ThreadPoolExecutor(2, thread_name_prefix="ptmserve-prepare")
         self._refuse_oversized()
         for tier in (stats := self.weights.stats()).host, stats.device:
             self.metrics.budget_bytes.labels(tier.name).set(tier.budget_bytes)
+        self.metrics.budget_bytes.labels(KV_TIER).set(self.generation.budget_bytes)
         logger.info(
             "engine on %s computing in %s, policy %s, device budget %s, host budget %s",
             *(
@@ -289,10 +304,13 @@ class Engine:
 
     def tiers(self) -> list[TierUsage]:
         stats = self.weights.stats()
-        return [
+        tiers = [
             TierUsage(t.name, t.used_bytes, t.budget_bytes, dict(t.per_model))
             for t in (stats.host, stats.device)
         ]
+        kv = self.generation
+        per_model = {kv.model: kv.used_bytes} if kv.model is not None else {}
+        return [*tiers, TierUsage(KV_TIER, kv.used_bytes, kv.budget_bytes, per_model)]
 
     # -- inference ------------------------------------------------------------------------------------
 
@@ -364,8 +382,8 @@ class Engine:
             raise NotReady(f"model {model!r} is not ready: {reason}")
         if entry.generates:
             raise InvalidInput(
-                f"model {model!r} is a text generation model: it has no embeddings or labels, and this "
-                "version of ptmserve does not serve text generation yet"
+                f"model {model!r} is a text generation model: it has no embeddings or labels; "
+                "use completions or chat"
             )
         if classify and not entry.config.labels:
             raise InvalidInput(f"model {model!r} has no classification head; use embeddings")
@@ -409,7 +427,17 @@ class Engine:
             ModelNotFound, NotReady, Overloaded (its queue is full), DeadlineExceeded.
             BudgetExceeded: the prompt plus ``max_tokens`` can never fit the KV cache budget.
         """
-        raise NotImplementedError
+        self._generator(model)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidInput("the prompt is empty")
+            ids = self.catalog.tokenizer(model).encode_prompt(prompt)
+        else:
+            ids = [*prompt] if isinstance(prompt, Sequence) else prompt  # type: ignore[list-item]
+            if not isinstance(ids, list) or not ids:
+                raise InvalidInput("the prompt must be a text or a non-empty list of token ids")
+            check_ids([ids], self.catalog.entry(model).config.vocab_size)
+        return self._generate(model, ids, params, options)
 
     def chat(
         self,
@@ -421,7 +449,14 @@ class Engine:
         """Start the assistant's reply to ``messages`` (``{"role": ..., "content": ...}`` dicts), rendered
         with the model's own chat template. Raises as ``complete``; also ``InvalidInput`` for malformed
         messages or a model without a chat template."""
-        raise NotImplementedError
+        entry = self._generator(model)
+        settings = entry.manifest.generation
+        template = settings.get("chat_template")
+        if not template:
+            raise InvalidInput(f"model {model!r} has no chat template; use completions")
+        text = render_chat(template, messages, settings)
+        ids = self.catalog.tokenizer(model).encode_prompt(text, special_tokens=False)
+        return self._generate(model, ids, params, options)
 
     async def acomplete(
         self,
@@ -431,7 +466,11 @@ class Engine:
         options: InferenceOptions = InferenceOptions(),
     ) -> Generation:
         """``complete`` for asyncio: a long prompt is tokenized on a thread pool, not on the loop."""
-        raise NotImplementedError
+        if self._cheap_to_prepare(model, [prompt]):  # type: ignore[list-item]
+            return self.complete(model, prompt, params, options)
+        return await asyncio.wrap_future(
+            self._preparers.submit(self.complete, model, prompt, params, options)
+        )
 
     async def achat(
         self,
@@ -440,10 +479,60 @@ class Engine:
         params: GenerationParams = GenerationParams(),
         options: InferenceOptions = InferenceOptions(),
     ) -> Generation:
-        """``chat`` for asyncio."""
-        raise NotImplementedError
+        """``chat`` for asyncio (rendered and tokenized on a thread pool)."""
+        return await asyncio.wrap_future(self._preparers.submit(self.chat, model, messages, params, options))
 
-    # -- lifecycle ------------------------------------------------------------------------------------
+    def _generator(self, model: str) -> CatalogEntry:
+        """The catalog entry of ``model`` if it is a text generation model that can serve now."""
+        if not self._accepting:
+            raise NotReady("the server is shutting down")
+        state, reason = self._state(model)
+        entry = self.catalog.entry(model)
+        if state is not ModelState.READY:
+            raise NotReady(f"model {model!r} is not ready: {reason}")
+        if not entry.generates:
+            raise InvalidInput(f"model {model!r} does not generate text; use embeddings or infer")
+        return entry
+
+    def _generate(
+        self, model: str, ids: list[int], params: GenerationParams, options: InferenceOptions
+    ) -> Generation:
+        entry = self.catalog.entry(model)
+        context = entry.max_tokens
+        capacity = self.generation.capacity_tokens(entry.config)
+        wanted = params.max_tokens or 1
+        if len(ids) + wanted > context:
+            if not self.settings.truncate or wanted >= context:
+                raise InvalidInput(
+                    f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}; model "
+                    f"{model!r} has a context of {context} tokens"
+                )
+            ids = ids[len(ids) + wanted - context :]  # keep the prompt's end
+        if len(ids) + wanted > capacity:
+            raise BudgetExceeded(
+                f"{len(ids)} prompt tokens plus max_tokens {params.max_tokens} can never fit the KV cache "
+                f"of {capacity} tokens for {model!r}; raise --kv-cache-memory or ask for fewer tokens"
+            )
+        max_new = min(params.max_tokens or context, context - len(ids), capacity - len(ids))
+        sampling = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed)
+        end_ids = frozenset() if params.ignore_eos else _end_ids(entry.manifest.generation)
+        cls = request_class(options.priority, self._defaults.default_class)
+        now = self._scheduler.clock()
+        handle = Generation(len(ids))
+        request = Request(
+            id=next(self._ids),
+            model=model,
+            cls=cls,
+            arrival=now,
+            deadline=deadline_from(options.timeout_us, cls, now, self._defaults),
+            tokens=len(ids),
+            payload=GenerationWork(ids, params, sampling, max_new, end_ids, handle),
+            generates=True,
+        )
+        self._worker.admit(request)  # raises Overloaded / DeadlineExceeded at once
+        return handle
+
+        # -- lifecycle ------------------------------------------------------------------------------------
 
     def close(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting requests, finish those in flight (up to ``drain_seconds``), free the tiers."""
@@ -460,3 +549,9 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _end_ids(generation: Mapping[str, Any]) -> frozenset[int]:
+    """The tokens that end a model's text: its end-of-sequence token (and end-of-turn, when it has one)."""
+    ids = [generation.get(key) for key in ("eos_token_id", "eot_token_id")]
+    return frozenset(i for i in ids if isinstance(i, int))

@@ -69,3 +69,26 @@ class EngineMetrics:
             ["model", "tier"],
             registry=r,
         )
+        self.first_token_seconds = Histogram(
+            "ptmserve_time_to_first_token_seconds",
+            "Text generation: time from arrival to the first generated token.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_seconds = Histogram(
+            "ptmserve_inter_token_seconds",
+            "Text generation: time between two tokens of one sequence.",
+            ["model"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "ptmserve_generated_tokens", "Text generation: tokens generated.", ["model"], registry=r
+        )
+        self.kv_blocks_in_use = Gauge(
+            "ptmserve_kv_blocks_in_use", "Text generation: KV cache blocks held by sequences.", registry=r
+        )
+        self.kv_blocks = Gauge(
+            "ptmserve_kv_blocks", "Text generation: KV cache blocks of the model generating now.", registry=r
+        )

@@ -52,6 +52,10 @@ class Request:
 
     A request of several inputs whose tokens exceed the batch token limit is split over several steps,
     a prefix of its remaining inputs at a time; ``tokens`` then counts what is still to compute.
+
+    A generation request (``generates``) runs step after step until its last token: ``tokens`` counts
+    the tokens it must compute before it can sample its next one (its prompt, or what is left of it,
+    then 1 per step).
     """
 
     id: int  # unique among live requests; the engine assigns it
@@ -64,6 +68,7 @@ class Request:
     inputs: tuple[int, ...] = ()  # tokens of each input, when it may be split; () = one indivisible unit
     done_inputs: int = 0  # inputs computed by earlier steps (a prefix of ``inputs``)
     status: RequestStatus = RequestStatus.WAITING
+    generates: bool = False  # a text generation request (continuous batching; see the scheduler)
 
     def next_span(self, budget: int) -> tuple[int, int]:
         """The inputs ``[start, end)`` its next step computes: as many of the remaining inputs as fit in

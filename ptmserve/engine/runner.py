@@ -2,7 +2,8 @@
 
 The step loop hands the runner a scheduled step; the runner makes the step's memory moves (evictions,
 the demand load, prefetches), packs the step's inputs without padding, runs them through the model
-group by group, and gives back one block of rows per request. It never touches the scheduler or a
+group by group, and gives back one block of rows per request (for a text generation model, each
+sequence's new token and text: ``generation.py``). It never touches the scheduler or a
 request's future, so the loop, the simulator and tests can drive it alike (nano-vllm's ``ModelRunner``,
 TEI's backends).
 """
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.generation import GenerationRunner, GenerationUpdate, GenerationWork
 from ptmserve.engine.requests import Request
 from ptmserve.engine.scheduler import Step
 from ptmserve.errors import NotReady, PtmError
@@ -41,11 +43,19 @@ class Work:
 
 
 def work_of(req: Request) -> Work:
-    """The engine's payload of ``req``."""
+    """The engine's payload of an embedding or classification request."""
     work = req.payload
     if not isinstance(work, Work):
         raise TypeError(f"request {req.id} carries no Work")
     return work
+
+
+def future_of(req: Request) -> Future:
+    """Where ``req``'s answer goes, whatever kind of request it is."""
+    work = req.payload
+    if not isinstance(work, (Work, GenerationWork)):
+        raise TypeError(f"request {req.id} carries no engine payload")
+    return work.future
 
 
 @dataclass(slots=True)
@@ -54,6 +64,7 @@ class RunnerOutput:
 
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, H) rows of its span
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, C), when it classifies
+    generated: dict[int, GenerationUpdate] = field(default_factory=dict)  # request id -> its progress
     exec_seconds: float = 0.0  # time the model computed, not counting waits for its weights
     wait_seconds: float = 0.0  # time compute waited for weights still loading (a demand load)
     error: PtmError | None = None  # the step failed; every request of it fails with this
@@ -66,6 +77,7 @@ class ModelRunner:
         weights: the weight tiers.
         catalog: model configs (for packing).
         device: where batches compute.
+        generation: the sequences and KV cache of text generation models.
         servable: whether a model may run or be prefetched now (explicit model control unloads models).
     """
 
@@ -74,11 +86,13 @@ class ModelRunner:
         weights: WeightManager,
         catalog: ModelCatalog,
         device: torch.device,
+        generation: GenerationRunner,
         servable: Callable[[str], bool] = lambda model: True,
     ) -> None:
         self._weights = weights
         self._catalog = catalog
         self._device = device
+        self.generation = generation
         self._servable = servable
 
     def execute(self, step: Step) -> RunnerOutput:
@@ -103,6 +117,8 @@ class ModelRunner:
         if not self._servable(model):
             raise NotReady(f"model {model!r} is not loaded")
         entry = self._catalog.entry(model)
+        if entry.generates:
+            return self._run_generation(step, model)
         rows: list[tuple[int, int]] = []  # (request id, inputs in this step), in batch order
         inputs: list[list[int]] = []
         for r in step.batch:
@@ -128,6 +144,20 @@ class ModelRunner:
                 out.logits[request_id] = logits[start : start + n]
             start += n
         return out
+
+    def _run_generation(self, step: Step, model: str) -> RunnerOutput:
+        tokenizer = self._catalog.tokenizer(model)
+        t0 = time.perf_counter()
+        with self._weights.acquire(model) as loaded:
+            self._prefetch(step.prefetch)
+            try:
+                updates = self.generation.run(step, loaded, tokenizer)
+            except BaseException:
+                self.generation.end(step.batch)  # the step fails its requests: free their blocks
+                raise
+            waited = loaded.waited_seconds
+        total = time.perf_counter() - t0
+        return RunnerOutput(exec_seconds=max(0.0, total - waited), wait_seconds=waited, generated=updates)
 
     def _prefetch(self, models: list[str]) -> None:
         for m in models:

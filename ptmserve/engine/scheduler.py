@@ -25,6 +25,21 @@ holds that lock while a step computes, so admission, cancellation and expiry hap
 Requests move WAITING -> RUNNING (``running``: scheduled at least once, until their last part is done)
 -> FINISHED, or end CANCELLED, TIMED_OUT or FAILED (``RequestStatus``).
 
+Text generation (continuous batching). A generation request (``Request.generates``) waits in its queue
+like any other until it starts; its deadline is the deadline of its first step (the first token's).
+Once started it is ``active``: it leaves the queues (no deadline expires it any more) and every step of
+its model carries it, until the runner reports it finished. A step of a decoder model holds, in order,
+its active sequences with one token to compute (decodes), those still prefilling a long prompt, then
+waiting requests by deadline, within ``max_batch_tokens`` and ``max_batch_requests``: a long prompt
+is prefilled in chunks in the room the decodes leave. ``on_step_done`` takes the runner's ``progress``:
+per request the tokens it must compute before its next one (0: finished); a request of the step that is
+missing there could not start (no free KV cache blocks) and goes back to its queue.
+
+One decoder model at a time holds the KV cache: while one has active sequences, the requests of any
+other decoder model wait (and the holder starts no new ones, so that it drains), and the holder is never
+evicted. Other models' steps (encoders) are not held back: with active sequences, at most every other
+step is another model's, so that neither starves.
+
 Everything the scheduler decides about device memory goes through ``Step.evict`` and ``Step.prefetch``;
 ``eviction_order`` ranks models for the weight manager's own evictions (host tier, or device overflow).
 
@@ -174,6 +189,10 @@ class Scheduler:
         self.running: dict[int, Request] = {}  # scheduled at least once and not finished, by id
         self._seq = 0
         self._timeouts: dict[RequestClass, float] = {}  # EWMA of (deadline - arrival) per class
+        self.active: dict[str, dict[int, Request]] = {}  # decoder model -> its started generation requests
+        self._generators: set[str] = set()  # models that have had generation requests
+        self._ran_at: dict[int, int] = {}  # active request id -> seq of the last step that carried it
+        self._last_model: str | None = None  # the model of the last step
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -213,6 +232,8 @@ class Scheduler:
                 )
         self.queues.push(req)
         req.status = RequestStatus.WAITING
+        if req.generates:
+            self._generators.add(req.model)
         seen = self._timeouts.get(req.cls)
         timeout = req.deadline - req.arrival
         self._timeouts[req.cls] = timeout if seen is None else seen + 0.05 * (timeout - seen)
@@ -248,24 +269,37 @@ class Scheduler:
         return out
 
     def drop(self, model: str | None = None) -> list[Request]:
-        """Take every queued request (of ``model``, or of every model) out, as FAILED; the engine fails
-        them (an unloaded model, or a scheduling error that would otherwise repeat forever)."""
+        """Take every queued request and active generation (of ``model``, or of every model) out, as
+        FAILED; the engine fails them (an unloaded model, or a scheduling error that would otherwise
+        repeat forever)."""
         out = []
         for cls in RequestClass:
             for m in [model] if model is not None else list(self.queues.models(cls)):
                 out.extend(self.queues.queue(m, cls))
         for req in out:
             self.queues.remove(req)
+        for m in [model] if model is not None else list(self.active):
+            out.extend(self.active.get(m, {}).values())
+        for req in out:
             self._end(req, RequestStatus.FAILED)
         return out
 
     def _end(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.running.pop(req.id, None)
+        self._ran_at.pop(req.id, None)
+        seqs = self.active.get(req.model)
+        if seqs is not None and seqs.pop(req.id, None) is not None and not seqs:
+            del self.active[req.model]
 
     def pending(self) -> int:
-        """Requests queued (parts of split requests included) and not yet handed out by ``schedule``."""
-        return len(self.queues)
+        """Requests queued (parts of split requests included) and not yet handed out by ``schedule``,
+        plus the active generation requests (they need more steps)."""
+        return len(self.queues) + sum(len(seqs) for seqs in self.active.values())
+
+    def generating(self) -> str | None:
+        """The decoder model whose active sequences hold the KV cache, if any."""
+        return next(iter(self.active), None)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among queued requests."""
@@ -294,36 +328,39 @@ class Scheduler:
         """
         if self._outstanding is not None:
             raise RuntimeError(f"step {self._outstanding.seq} is still outstanding; call on_step_done first")
-        if not self.queues:
+        holder = self.generating()
+        if not self.queues and holder is None:
             return None
         ctx = self._context(view)
         self.policy.expire(ctx)
         for req in ctx.expired:
             self._end(req, RequestStatus.TIMED_OUT)
-        chosen: tuple[Plan, list[str]] | None = None
-        for plan in self.policy.plans(ctx):
-            if not plan.batch:
-                continue
-            evict = self._room(ctx, ctx.missing_bytes(plan.model), ctx.device_free, {plan.model})
-            if evict is not None:
-                chosen = (plan, evict)
-                break
+        chosen = self._choose(ctx, holder)
         self._seq += 1
-        if chosen is None:
+        batch: list[Request] = []
+        if chosen is not None:
+            plan, evict = chosen
+            if plan.model in self._generators:
+                batch, spans = self._generation_batch(plan.model)
+            else:
+                batch, spans = plan.batch, self._spans(plan.batch)
+        if not batch:
             return Step(self._seq, None, [], ctx.expired, False, [], [], 0.0, 0, StepKind.IDLE, ctx.now)
-        plan, evict = chosen
-        spans = self._spans(plan.batch)
-        for req in plan.batch:
-            self.queues.remove(req)
+        for req in batch:
+            if req.id in self.queues:
+                self.queues.remove(req)
             req.status = RequestStatus.RUNNING
             self.running[req.id] = req
+            if req.generates:
+                self._ran_at[req.id] = self._seq
         model = plan.model
-        tokens = sum(r.span_tokens(spans[r.id]) for r in plan.batch)
+        self._last_model = model
+        tokens = sum(r.span_tokens(spans[r.id]) for r in batch)
         load_needed = not ctx.is_resident(model)
         step = Step(
             seq=self._seq,
             model=model,
-            batch=plan.batch,
+            batch=batch,
             expired=ctx.expired,
             load_needed=load_needed,
             evict=evict,
@@ -341,6 +378,50 @@ class Scheduler:
         self.policy.on_step(ctx, step)
         self._outstanding = step
         return step
+
+    def _choose(self, ctx: Context, holder: str | None) -> tuple[Plan, list[str]] | None:
+        """The policy's first plan that can run now, and what to evict for it; or, while ``holder`` has
+        active sequences, its next step when the policy chose it or the last step was another model's."""
+        chosen: tuple[Plan, list[str]] | None = None
+        for plan in self.policy.plans(ctx):
+            if not plan.batch:
+                continue
+            if holder is not None and plan.model != holder and plan.model in self._generators:
+                continue  # another decoder model waits until the holder's sequences are done
+            evict = self._room(ctx, ctx.missing_bytes(plan.model), ctx.device_free, {plan.model})
+            if evict is not None:
+                chosen = (plan, evict)
+                break
+        if holder is not None and (chosen is None or chosen[0].model == holder or self._last_model != holder):
+            evict = self._room(ctx, ctx.missing_bytes(holder), ctx.device_free, {holder})
+            if evict is not None:
+                kind = (
+                    chosen[0].kind if chosen is not None and chosen[0].model == holder else StepKind.REALTIME
+                )
+                chosen = (Plan(holder, [], kind), evict)
+        return chosen
+
+    def _generation_batch(self, model: str) -> tuple[list[Request], dict[int, tuple[int, int]]]:
+        """The next step of decoder ``model`` and each request's span ``(0, n)``: ``n`` of its pending
+        tokens. Decodes first, then prefills still going (each set least recently run first, so that a
+        token limit smaller than the batch rotates them), then waiting requests by deadline unless
+        another decoder model waits for the KV cache."""
+        budget = self.limits.max_batch_tokens
+        batch: list[Request] = []
+        spans: dict[int, tuple[int, int]] = {}
+        started = sorted(
+            self.active.get(model, {}).values(), key=lambda r: (r.tokens > 1, self._ran_at.get(r.id, 0))
+        )
+        others_wait = any(m != model and self.queues.has(m) for m in self._generators)
+        waiting = [] if others_wait else list(self.queues.in_order(model, by="deadline"))
+        for req in [*started, *waiting]:
+            if len(batch) >= self.limits.max_batch_requests or budget < 1:
+                break
+            n = min(req.tokens, budget)
+            batch.append(req)
+            spans[req.id] = (0, n)
+            budget -= n
+        return batch, spans
 
     def _spans(self, batch: list[Request]) -> dict[int, tuple[int, int]]:
         """What each request of ``batch`` computes in this step: all its remaining inputs, unless they do
@@ -379,7 +460,7 @@ class Scheduler:
         if need <= free:
             return []
         view = ctx.view
-        busy, loading = set(view.busy), set(view.loading)
+        busy, loading = set(view.busy) | set(self.active), set(view.loading)
         candidates = [m for m in view.resident if m not in protect and m not in busy and m not in loading]
         if prefetch is None:
             order = self.policy.eviction_order(ctx, candidates)
@@ -429,12 +510,17 @@ class Scheduler:
         load_seconds: float = 0.0,
         loaded_bytes: int = 0,
         ok: bool = True,
+        progress: Mapping[int, int] | None = None,
     ) -> list[Request]:
         """Report that ``step`` finished (or failed, ``ok=False``); returns the requests it finished.
 
         A request whose span left inputs to compute goes back to its queue (it stays RUNNING) unless it
         was cancelled meanwhile; the others become FINISHED (FAILED when not ``ok``) and leave
         ``running``. The engine delivers what is returned.
+
+        ``progress`` (generation requests of the step): request id -> tokens it must compute before its
+        next one, 0 when it finished. A generation request missing from it did not start (no free KV
+        cache blocks) and waits in its queue again; an active one missing from it is left as it was.
 
         Args:
             exec_seconds: time the batch computed, without waiting for weights; 0 when not measured.
@@ -455,7 +541,12 @@ class Scheduler:
                 if not req.status.is_finished:
                     self._end(req, RequestStatus.FAILED)
             return []
-        finished = self._advance(step)
+        finished = self._advance(step, progress or {})
+        carried = {r.id for r in step.batch}
+        for request_id, pending in (progress or {}).items():  # sequences the step preempted
+            req = self.running.get(request_id)
+            if req is not None and request_id not in carried and pending > 0:
+                req.tokens = pending
         nbytes = self._sizes.get(step.model, 0)
         pure = not step.load_needed or load_seconds > 0
         if pure and exec_seconds > 0 and math.isfinite(exec_seconds):
@@ -465,10 +556,14 @@ class Scheduler:
         self.stats.setdefault(step.model, ModelStats()).last_used = self.clock()
         return finished
 
-    def _advance(self, step: Step) -> list[Request]:
+    def _advance(self, step: Step, progress: Mapping[int, int]) -> list[Request]:
         finished = []
         for req in step.batch:
             if req.status.is_finished:  # cancelled while it ran
+                continue
+            if req.generates:
+                if self._generation_done(req, progress.get(req.id)):
+                    finished.append(req)
                 continue
             start, end = step.spans.get(req.id, (req.done_inputs, req.total_inputs))
             if end < req.total_inputs:
@@ -479,6 +574,23 @@ class Scheduler:
                 self._end(req, RequestStatus.FINISHED)
                 finished.append(req)
         return finished
+
+    def _generation_done(self, req: Request, pending: int | None) -> bool:
+        """Apply a generation request's progress; True when it finished."""
+        seqs = self.active.get(req.model, {})
+        if pending is None:
+            if req.id not in seqs:  # it could not start: it waits again, with its first-token deadline
+                self.running.pop(req.id, None)
+                self._ran_at.pop(req.id, None)
+                self.queues.push(req, admitted=True)
+                req.status = RequestStatus.WAITING
+            return False
+        if pending == 0:
+            self._end(req, RequestStatus.FINISHED)
+            return True
+        req.tokens = pending
+        self.active.setdefault(req.model, {})[req.id] = req
+        return False
 
     def on_load_done(
         self, model: str, seconds: float, nbytes: int, source: Tier = Tier.HOST, ok: bool = True

@@ -29,9 +29,10 @@ import numpy as np
 
 from ptmserve.engine.api import ClassifyResult, EmbedResult
 from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.generation import GenerationUpdate
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import Outcome, Request, RequestStatus
-from ptmserve.engine.runner import ModelRunner, RunnerOutput, work_of
+from ptmserve.engine.runner import ModelRunner, RunnerOutput, future_of, work_of
 from ptmserve.engine.scheduler import Scheduler, Step
 from ptmserve.errors import DeadlineExceeded, NotReady, PtmError
 from ptmserve.memory.allocator import HeapTrimmer
@@ -126,7 +127,7 @@ class Worker:
         except PtmError:
             self._count(req.model, Outcome.REJECTED)
             raise
-        work_of(req).future.add_done_callback(lambda f: self._cancelled(req) if f.cancelled() else None)
+        future_of(req).add_done_callback(lambda f: self._cancelled(req) if f.cancelled() else None)
         self._news.set()
         if req.deadline < self._timer_wakes_at:  # the timer sleeps past this deadline: wake it
             self._deadlines_moved.set()
@@ -186,6 +187,8 @@ class Worker:
         while True:
             self._news.clear()
             self._run_controls()
+            if self._runner.generation.reap():  # cancelled or failed sequences: free their blocks now
+                self._publish_kv()
             step, endings, stop = self._next_step()
             self._end_all(endings)
             if stop:
@@ -247,17 +250,23 @@ class Worker:
 
     def _complete(self, step: Step, output: RunnerOutput) -> None:
         """Report ``step`` to the scheduler, keep each request's part, deliver what finished."""
+        progress = {request_id: u.pending for request_id, u in output.generated.items()}
         with self._lock:
             if output.error is not None:
                 self._scheduler.on_step_done(step, 0.0, ok=False)
                 finished: list[Request] = []
             else:
-                finished = self._scheduler.on_step_done(step, output.exec_seconds, output.wait_seconds)
+                finished = self._scheduler.on_step_done(
+                    step, output.exec_seconds, output.wait_seconds, progress=progress
+                )
         if output.error is not None:
             failed = [r for r in step.batch if r.status is RequestStatus.FAILED]
             self._end_all([(r, output.error, Outcome.ERROR) for r in failed])
             return
         self._publish_step(step, output)
+        if output.generated:
+            self._stream(step, output.generated)
+            return
         for r in step.batch:
             if r.status is RequestStatus.CANCELLED:
                 continue
@@ -272,6 +281,32 @@ class Worker:
                 logger.exception("delivering request %d of %s failed", r.id, r.model)
                 error = PtmError(f"internal error while answering a request for {r.model!r}")
                 self._end(r, error, Outcome.ERROR)
+
+    def _stream(self, step: Step, updates: dict[int, GenerationUpdate]) -> None:
+        """Hand each sequence of a generation step its new token and text; answer the finished ones."""
+        model = step.model
+        m = self._metrics
+        for r in step.batch:
+            update = updates.get(r.id)
+            if update is None or update.new_tokens == 0 or r.status is RequestStatus.CANCELLED:
+                continue
+            m.generated_tokens.labels(model).inc(update.new_tokens)
+            if update.first_token_seconds is not None:
+                m.first_token_seconds.labels(model).observe(update.first_token_seconds)
+            if update.inter_token_seconds is not None:
+                m.inter_token_seconds.labels(model).observe(update.inter_token_seconds)
+            handle = r.payload.handle  # type: ignore[union-attr]
+            if update.chunk is not None:
+                handle.push(update.chunk)
+            if update.result is not None:
+                self._end(r, update.result, Outcome.SUCCESS)
+        self._publish_kv()
+
+    def _publish_kv(self) -> None:
+        generation = self._runner.generation
+        self._metrics.kv_blocks_in_use.set(generation.used_blocks)
+        self._metrics.kv_blocks.set(generation.total_blocks)
+        self._metrics.resident_bytes.labels("kv").set(generation.used_bytes)
 
     def _deliver(self, req: Request) -> None:
         work = work_of(req)
@@ -301,7 +336,7 @@ class Worker:
             # Whatever state the crash left them in, the step's requests that are not answered and not
             # queued for a next part are failed.
             stranded = [
-                r for r in step.batch if not work_of(r).future.done() and r.id not in self._scheduler.queues
+                r for r in step.batch if not future_of(r).done() and r.id not in self._scheduler.queues
             ]
             for r in stranded:
                 self._scheduler.cancel(r.id, RequestStatus.FAILED)  # out of the running set
@@ -335,7 +370,7 @@ class Worker:
 
     def _end(self, req: Request, answer: object, outcome: Outcome) -> None:
         """Answer ``req`` with a result or an error, and count its outcome once."""
-        future = work_of(req).future
+        future = future_of(req)
         try:
             if isinstance(answer, BaseException):
                 future.set_exception(answer)

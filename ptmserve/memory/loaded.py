@@ -6,11 +6,14 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import torch
+
 from ptmserve import errors
 from ptmserve.memory.loader import LoadJob, ModelRecord
 from ptmserve.memory.skeleton import Skeleton
 from ptmserve.models.config import Pooling
 from ptmserve.models.packed import PackedBatch
+from ptmserve.models.paged import KVCache, StepBatch
 from ptmserve.models.registry import ModelConfig
 from ptmserve.models.runner import Activations, StagedModel, StageHook, run_stages
 from ptmserve.store.manifest import ModelManifest
@@ -67,6 +70,28 @@ class LoadedModel:
         """
         if classify and not self.config.labels:
             raise errors.InvalidInput(f"model {self.name!r} has no classification head")
+        stages = self.module.stages(classify=classify, pooling=pooling or self.pooling)
+        return run_stages(stages, Activations(batch), self._waiting(before))
+
+    def step(self, batch: StepBatch, cache: KVCache, *, before: StageHook | None = None) -> torch.Tensor:
+        """Run one decoding step of a text generation model: the new tokens of ``batch`` (prefills,
+        chunks of prefills, decodes), each layer as soon as its weights are on the device, writing the
+        keys and values into ``cache``. Returns float32 logits ``(B, V)`` of each sequence's last new
+        token.
+
+        Raises:
+            errors.InvalidInput: the model does not generate text, or a position is past its context.
+            errors.CorruptData / errors.NotReady: the load of this model failed.
+        """
+        step_stages = getattr(self.module, "step_stages", None)
+        if step_stages is None:
+            raise errors.InvalidInput(f"model {self.name!r} is not a text generation model")
+        acts = run_stages(step_stages(batch, cache), Activations(batch), self._waiting(before))  # type: ignore[arg-type]
+        assert acts.logits is not None
+        return acts.logits
+
+    def _waiting(self, before: StageHook | None) -> StageHook:
+        """A stage hook that waits for the group's weights (counting the wait), then calls ``before``."""
         job = self._job
 
         def wait_then(group: str, acts: Activations) -> None:
@@ -76,8 +101,7 @@ class LoadedModel:
             if before is not None:
                 before(group, acts)
 
-        stages = self.module.stages(classify=classify, pooling=pooling or self.pooling)
-        return run_stages(stages, Activations(batch), wait_then)
+        return wait_then
 
     def release(self) -> None:
         """End this acquisition; the model becomes evictable when nobody else holds it. Idempotent."""

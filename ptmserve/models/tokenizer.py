@@ -21,6 +21,8 @@ class TextTokenizer:
         if max_length <= 0:
             raise InvalidCheckpoint(f"max_length must be positive, got {max_length}")
         tokenizer.no_padding()
+        self._whole = Tokenizer.from_str(tokenizer.to_str())  # prompts: never truncated, nor padded
+        self._whole.no_truncation()
         tokenizer.enable_truncation(max_length)
         self._tok = tokenizer
         self.max_length = max_length
@@ -54,6 +56,17 @@ class TextTokenizer:
         if not texts:
             return []
         return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=True)]
+
+    def encode_prompt(self, text: str, *, special_tokens: bool = True) -> list[int]:
+        """Token ids of a whole prompt, not truncated (generation keeps a long prompt's end, or refuses
+        it). ``special_tokens=False`` for text that spells its special tokens out (a rendered chat)."""
+        if not isinstance(text, str):
+            raise InvalidInput(f"the prompt is a {type(text).__name__}, expected a string")
+        return self._whole.encode(text, add_special_tokens=special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated token ids, special tokens left out."""
+        return self._whole.decode(list(ids), skip_special_tokens=True)
 
 
 def check_ids(ids: Sequence[Sequence[int]], vocab_size: int, max_length: int | None = None) -> None:
