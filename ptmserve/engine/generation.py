@@ -115,6 +115,7 @@ class GenerationRunner:
         self._seqs: dict[int, _Sequence] = {}
         self._started = 0
         self.model: str | None = None  # the model the cache serves now
+        self.preemptions = 0  # sequences that gave their blocks up to recompute later
 
     # -- the cache ------------------------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ class GenerationRunner:
         """Free ``seq``'s blocks; it recomputes everything it has in later steps."""
         self._free(seq)
         seq.computed = 0
+        self.preemptions += 1
 
     def _grow(self, seq: _Sequence, tokens: int) -> bool:
         """Give ``seq`` blocks for ``tokens`` slots, preempting newer sequences (or itself) when none are

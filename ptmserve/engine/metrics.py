@@ -92,3 +92,8 @@ class EngineMetrics:
         self.kv_blocks = Gauge(
             "ptmserve_kv_blocks", "Text generation: KV cache blocks of the model generating now.", registry=r
         )
+        self.kv_preemptions = Counter(
+            "ptmserve_kv_preemptions",
+            "Text generation: sequences that gave up their KV blocks to recompute later.",
+            registry=r,
+        )

@@ -100,6 +100,7 @@ class Worker:
         self._current: Step | None = None  # the step executing now
         self._timer_wakes_at = 0.0  # when the deadline timer looks next (clock seconds)
         self._published: dict[str, set[str]] = {}  # tier -> models whose resident bytes /metrics shows
+        self._preemptions_seen = 0  # of the generation runner's count, already in the metric
         self._heap = HeapTrimmer()  # evictions free buffers of many sizes: hand their pages back
         self._stopping = False
         self._closed = False
@@ -307,6 +308,8 @@ class Worker:
         self._metrics.kv_blocks_in_use.set(generation.used_blocks)
         self._metrics.kv_blocks.set(generation.total_blocks)
         self._metrics.resident_bytes.labels("kv").set(generation.used_bytes)
+        self._metrics.kv_preemptions.inc(generation.preemptions - self._preemptions_seen)
+        self._preemptions_seen = generation.preemptions
 
     def _deliver(self, req: Request) -> None:
         work = work_of(req)
