@@ -282,3 +282,17 @@ def test_decoders_import_generation_settings_from_hf_folders(repo_and_refs: tupl
     manifest = repo_and_refs[0].manifest("llama-tied")
     assert manifest.generation["eos_token_id"] == 3
     assert manifest.generation["chat_template"].startswith("{% for m in messages %}")
+
+
+def test_a_model_with_running_sequences_is_never_evicted(engine_factory, repo_and_refs: tuple) -> None:  # noqa: ANN001
+    probe = engine_factory()
+    sizes = {m: probe.catalog.device_bytes(m) for m in ("llama-tied", "encoder")}
+    # the device tier holds either model, never both: the encoder must wait for the sequences to end
+    engine = engine_factory(device_memory=max(sizes.values()) + min(sizes.values()) // 2)
+    stream = engine.complete("llama-tied", [5, 6], GenerationParams(max_tokens=60, ignore_eos=True))
+    next(iter(stream))
+    embedded = engine.embed("encoder", ["the man said hello"], InferenceOptions(timeout_us=60_000_000))
+    assert stream.future.done(), "the encoder ran only after the decoder's sequence finished"
+    assert stream.result().completion_tokens == 60 and embedded.embeddings.shape[0] == 1
+    loads = engine.metrics.registry.get_sample_value("ptmserve_model_loads_total", {"model": "llama-tied"})
+    assert loads == 1
