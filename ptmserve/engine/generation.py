@@ -74,6 +74,8 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
     text: str = ""  # the generated text so far (cut at a stop string once one is found)
     sent: int = 0  # characters of ``text`` already streamed
+    prefix_offset: int = 0  # generated tokens before the detokenizing window
+    read_offset: int = 0  # generated tokens whose text is in ``text``
     last_token_at: float | None = None
     first_token_seconds: float = 0.0  # from arrival to its first token
 
@@ -273,7 +275,7 @@ class GenerationRunner:
             finish = "stop"
         else:
             checked = len(seq.text)
-            seq.text = tokenizer.decode(seq.generated)
+            _detokenize(seq, tokenizer, final=len(seq.generated) >= work.max_new)
             longest = max((len(s) for s in work.params.stop), default=0)
             match = find_stop(seq.text, work.params.stop, max(0, checked - longest + 1))
             if match is not None:
@@ -281,12 +283,7 @@ class GenerationRunner:
                 finish = "stop"
         if finish is None and len(seq.generated) >= work.max_new:
             finish = "length"
-        if finish is None:
-            ready = streamable_length(seq.text, work.params.stop)
-            while ready > seq.sent and seq.text[ready - 1] == "\ufffd":  # an unfinished UTF-8 character
-                ready -= 1
-        else:
-            ready = len(seq.text)
+        ready = len(seq.text) if finish is not None else streamable_length(seq.text, work.params.stop)
         update.chunk = GenerationChunk(seq.text[seq.sent : max(seq.sent, ready)], (token,))
         seq.sent = max(seq.sent, ready)
         if finish is not None:
@@ -308,3 +305,16 @@ class GenerationRunner:
             seq = self._seqs.get(req.id)
             if seq is not None:
                 self._forget(seq)
+
+
+def _detokenize(seq: _Sequence, tokenizer: TextTokenizer, *, final: bool) -> None:
+    """Extend ``seq.text`` with the text of its new tokens, decoding only a window of the last few
+    tokens (TGI's and vLLM's incremental detokenizing): the text of the window's tokens before the new
+    ones is subtracted from the window's text. Text that ends in an unfinished UTF-8 character waits for
+    the next token, unless ``final``."""
+    generated = seq.generated
+    before = tokenizer.decode(generated[seq.prefix_offset : seq.read_offset])
+    window = tokenizer.decode(generated[seq.prefix_offset :])
+    if len(window) > len(before) and (final or not window.endswith("\ufffd")):
+        seq.text += window[len(before) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(generated)
