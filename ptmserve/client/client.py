@@ -1,5 +1,8 @@
 """``Client`` and ``AsyncClient``: typed access to a ptmserve server over httpx.
 
+Embeddings and classification go over KServe v2 with binary tensors; text generation (``complete``,
+``chat``) over the OpenAI routes, streamed as server-sent events when asked.
+
 Errors come back as the ``ptmserve.errors`` classes the server raised (``ModelNotFound`` for 404,
 ``Overloaded`` for 429, ``DeadlineExceeded`` for 504, ...); a 500 or an unknown status raises
 ``ServerError``. Transport failures (connection refused, client timeout) raise httpx's own errors.
@@ -7,12 +10,16 @@ Errors come back as the ``ptmserve.errors`` classes the server raised (``ModelNo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ptmserve.client import calls as p
+from ptmserve.client import generation as g
 from ptmserve.engine.api import ClassifyResult, EmbedResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -69,6 +76,35 @@ class Client:
         """Logits (B, C) and the argmax label of each input."""
         r = self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
         return p.classify_result(p.parse_infer(r.content, r.headers))
+
+    def complete(
+        self, model: str, prompt: g.Prompt, *, stream: bool = False, **options: Unpack[g.GenerationKwargs]
+    ) -> g.Completion | g.CompletionStream:
+        """Continue ``prompt`` (a text, or token ids used as given). Returns the ``Completion``, or with
+        ``stream=True`` a ``CompletionStream`` of text chunks as they are generated. ``options``:
+        ``max_tokens`` (default 16), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
+        ``ignore_eos``, ``priority``, ``timeout_us``."""
+        call = g.generation_call(model, prompt=prompt, stream=stream, options=options)
+        return self._generate(call, stream)
+
+    def chat(
+        self, model: str, messages: g.Messages, *, stream: bool = False, **options: Unpack[g.GenerationKwargs]
+    ) -> g.Completion | g.CompletionStream:
+        """The assistant's reply to ``messages`` (``{"role", "content"}``), as ``complete`` returns it;
+        without ``max_tokens`` it runs until the end-of-sequence token or the context's end."""
+        call = g.generation_call(model, messages=messages, stream=stream, options=options)
+        return self._generate(call, stream)
+
+    def _generate(self, call: p.HttpCall, stream: bool) -> g.Completion | g.CompletionStream:
+        if not stream:
+            return g.completion(self._send(call).json())
+        request = self._http.build_request(call.method, call.path, content=call.body, headers=call.headers)
+        r = self._http.send(request, stream=True)
+        if r.status_code >= 300:
+            r.read()
+            r.close()
+            p.raise_for_status(r.status_code, r.content)
+        return g.CompletionStream(r)
 
     def load(self, model: str) -> None:
         """Load ``model`` (model repository extension; needed under ``--model-control explicit``)."""
@@ -135,6 +171,29 @@ class AsyncClient:
     ) -> ClassifyResult:
         r = await self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
         return p.classify_result(p.parse_infer(r.content, r.headers))
+
+    async def complete(
+        self, model: str, prompt: g.Prompt, *, stream: bool = False, **options: Unpack[g.GenerationKwargs]
+    ) -> g.Completion | g.AsyncCompletionStream:
+        call = g.generation_call(model, prompt=prompt, stream=stream, options=options)
+        return await self._generate(call, stream)
+
+    async def chat(
+        self, model: str, messages: g.Messages, *, stream: bool = False, **options: Unpack[g.GenerationKwargs]
+    ) -> g.Completion | g.AsyncCompletionStream:
+        call = g.generation_call(model, messages=messages, stream=stream, options=options)
+        return await self._generate(call, stream)
+
+    async def _generate(self, call: p.HttpCall, stream: bool) -> g.Completion | g.AsyncCompletionStream:
+        if not stream:
+            return g.completion((await self._send(call)).json())
+        request = self._http.build_request(call.method, call.path, content=call.body, headers=call.headers)
+        r = await self._http.send(request, stream=True)
+        if r.status_code >= 300:
+            await r.aread()
+            await r.aclose()
+            p.raise_for_status(r.status_code, r.content)
+        return g.AsyncCompletionStream(r)
 
     async def load(self, model: str) -> None:
         await self._send(p.HttpCall("POST", f"/v2/repository/models/{p.model_path(model)}/load"))

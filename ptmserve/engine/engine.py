@@ -468,9 +468,7 @@ class Engine:
         """``complete`` for asyncio: a long prompt is tokenized on a thread pool, not on the loop."""
         if self._cheap_to_prepare(model, [prompt]):  # type: ignore[list-item]
             return self.complete(model, prompt, params, options)
-        return await asyncio.wrap_future(
-            self._preparers.submit(self.complete, model, prompt, params, options)
-        )
+        return await _prepared(self._preparers.submit(self.complete, model, prompt, params, options))
 
     async def achat(
         self,
@@ -480,7 +478,7 @@ class Engine:
         options: InferenceOptions = InferenceOptions(),
     ) -> Generation:
         """``chat`` for asyncio (rendered and tokenized on a thread pool)."""
-        return await asyncio.wrap_future(self._preparers.submit(self.chat, model, messages, params, options))
+        return await _prepared(self._preparers.submit(self.chat, model, messages, params, options))
 
     def _generator(self, model: str) -> CatalogEntry:
         """The catalog entry of ``model`` if it is a text generation model that can serve now."""
@@ -555,3 +553,13 @@ def _end_ids(generation: Mapping[str, Any]) -> frozenset[int]:
     """The tokens that end a model's text: its end-of-sequence token (and end-of-turn, when it has one)."""
     ids = [generation.get(key) for key in ("eos_token_id", "eot_token_id")]
     return frozenset(i for i in ids if isinstance(i, int))
+
+
+async def _prepared(started: Future) -> Generation:
+    """The ``Generation`` a pool thread is starting; should the caller be cancelled meanwhile, the
+    generation is cancelled as soon as it exists."""
+    try:
+        return await asyncio.wrap_future(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().cancel())
+        raise

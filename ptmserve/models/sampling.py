@@ -16,6 +16,9 @@ import torch
 from ptmserve.errors import InvalidInput
 
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / temperature would overflow)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How one sequence picks its tokens. ``temperature == 0`` is greedy (the other fields then do
@@ -39,7 +42,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Picks the most likely token: temperature 0 (or so small that dividing by it overflows)."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
@@ -83,6 +87,9 @@ def sample(
             out.append(int(greedy[row]))
             continue
         probs = filtered_logits(logits[row], p).softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:  # overflowed: the best one
+            out.append(int(greedy[row]))
+            continue
         out.append(int(torch.multinomial(probs, 1, generator=g).item()))
     return out
 

@@ -72,6 +72,14 @@ def status_to_error(status: int) -> type[errors.PtmError] | None:
     return None
 
 
+def code_to_error(code: Any) -> type[errors.PtmError] | None:
+    """The ``PtmError`` class of an OpenAI error ``code`` (an error event in a stream has no status)."""
+    for cls, kind in ERROR_TABLE:
+        if kind.openai_code == code:
+            return cls
+    return None
+
+
 def is_openai_path(path: str) -> bool:
     """True for the OpenAI routes (``/v1/...``), whose error body differs from KServe's."""
     return path == "/v1" or path.startswith("/v1/")

@@ -22,12 +22,19 @@ from starlette.responses import Response
 
 from ptmserve.errors import PtmError
 from ptmserve.protocol.errors import error_body, router_error_kind
+from ptmserve.server.completions import ChatRequest, CompletionRequest
 from ptmserve.server.dataplane import ClientDisconnected, DataPlane, EngineLike
 from ptmserve.server.errors import error_response, invalid_input_from
+from ptmserve.server.generate import GenerateRequest, GenerateRoutes
 from ptmserve.server.kserve import KServeRoutes
 from ptmserve.server.middleware import Guard, HttpMetrics
-from ptmserve.server.openai import OpenAIRoutes, embedding_request_schema
-from ptmserve.server.schemas import INFER_REQUEST_SCHEMA, REPOSITORY_INDEX_SCHEMA, model_request_schema
+from ptmserve.server.openai import EmbeddingRequest, OpenAIRoutes
+from ptmserve.server.schemas import (
+    INFER_REQUEST_SCHEMA,
+    REPOSITORY_INDEX_SCHEMA,
+    model_request_schema,
+    request_schema,
+)
 from ptmserve.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ CLIENT_CLOSED = 499
 
 
 def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: bool = False) -> FastAPI:
-    """The ASGI app serving ``engine`` over KServe v2 and OpenAI.
+    """The ASGI app serving ``engine`` over KServe v2 (with Triton's generate extension) and OpenAI.
 
     Args:
         engine: a ``ptmserve.engine.engine.Engine`` (or anything with its API).
@@ -46,6 +53,7 @@ def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: boo
     """
     plane = DataPlane(engine, settings)
     kserve = KServeRoutes(plane)
+    generate = GenerateRoutes(plane)
     openai = OpenAIRoutes(plane)
     http_metrics = HttpMetrics()
 
@@ -56,6 +64,7 @@ def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: boo
     infer_body = {"requestBody": {"required": True, "content": {"application/json": INFER_REQUEST_SCHEMA}}}
     index_body = {"requestBody": {"content": {"application/json": REPOSITORY_INDEX_SCHEMA}}}
     model_body = {"requestBody": {"content": {"application/json": model_request_schema()}}}
+    generate_body = request_schema(GenerateRequest)
     m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
     # (method, path, endpoint, OpenAPI extras). Order matters where a literal segment could also match
     # a {model} parameter: /v2/models/stats comes before /v2/models/{model}.
@@ -74,12 +83,18 @@ def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: boo
         ("GET", f"{mv}/stats", kserve.model_stats_version, None),
         ("POST", f"{m}/infer", kserve.infer, infer_body),
         ("POST", f"{mv}/infer", kserve.infer_version, infer_body),
+        ("POST", f"{m}/generate", generate.generate, generate_body),
+        ("POST", f"{mv}/generate", generate.generate, generate_body),
+        ("POST", f"{m}/generate_stream", generate.generate_stream, generate_body),
+        ("POST", f"{mv}/generate_stream", generate.generate_stream, generate_body),
         ("POST", "/v2/repository/index", kserve.repository_index, index_body),
         ("POST", "/v2/repository/models/{model}/load", kserve.load, model_body),
         ("POST", "/v2/repository/models/{model}/unload", kserve.unload, model_body),
         ("GET", "/v1/models", openai.models, None),
         ("GET", "/v1/models/{model}", openai.model, None),
-        ("POST", "/v1/embeddings", openai.embeddings, embedding_request_schema()),
+        ("POST", "/v1/embeddings", openai.embeddings, request_schema(EmbeddingRequest)),
+        ("POST", "/v1/completions", openai.completions, request_schema(CompletionRequest)),
+        ("POST", "/v1/chat/completions", openai.chat_completions, request_schema(ChatRequest)),
         ("GET", "/metrics", metrics, None),
     ]
 

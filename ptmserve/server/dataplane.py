@@ -1,35 +1,39 @@
 """Protocol-neutral calls shared by the KServe and OpenAI routes: limits, model names, cancellation.
 
-The routes parse their protocol into plain Python (texts or token id lists, ``InferenceOptions``), call
-``DataPlane``, and format the result back. Everything that must behave the same for both protocols lives
-here: request limits, the truncate-or-reject policy, cancelling work whose client went away, and the
-per-model statistics the KServe statistics extension reports (from the engine's own counters).
+The routes parse their protocol into plain Python (texts or token id lists, ``InferenceOptions``, a
+``GenerationRequest``), call ``DataPlane``, and format the result back. Everything that must behave the
+same for both protocols lives here: request limits, which kind of model each route serves, cancelling work
+whose client went away, and the per-model statistics the KServe statistics extension reports (from the
+engine's own counters).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import math
 import re
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ptmserve.engine.api import (
     ClassifyResult,
     EmbedResult,
+    Generation,
+    GenerationChunk,
+    GenerationParams,
+    GenerationResult,
     InferenceOptions,
     ModelInfo,
+    ModelKind,
     ModelState,
     TierUsage,
 )
 from ptmserve.errors import InvalidInput, ModelNotFound, NotReady, PayloadTooLarge
 from ptmserve.protocol.schedule import schedule_value
 from ptmserve.server.settings import ServerSettings
+from ptmserve.server.statistics import Statistics
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,16 @@ class EngineLike(Protocol):
     async def aclassify(
         self, model: str, inputs: Inputs, options: InferenceOptions = ...
     ) -> ClassifyResult: ...
+    async def acomplete(
+        self, model: str, prompt: str | Sequence[int], params: GenerationParams, options: InferenceOptions
+    ) -> Generation: ...
+    async def achat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams,
+        options: InferenceOptions,
+    ) -> Generation: ...
     def load(self, name: str) -> None: ...
     def unload(self, name: str) -> None: ...
     def ready(self) -> bool: ...
@@ -68,14 +82,14 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready; its work was cancelled."""
 
 
-@dataclass(slots=True)
-class _Stats:
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    inference_count: int = 0  # inputs served (Triton counts batch elements)
-    last_inference_ms: int = 0
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One text generation request as the routes parse it: a completion's prompt or a chat's messages."""
+
+    params: GenerationParams
+    options: InferenceOptions
+    prompt: str | list[int] | None = None  # a completion: text, or token ids used as given
+    messages: list[dict[str, str]] | None = None  # a chat: {"role", "content"} dicts, in order
 
 
 class DataPlane:
@@ -85,8 +99,7 @@ class DataPlane:
         self.engine = engine
         self.settings = settings
         self.draining = False  # set on SIGTERM: readiness answers 503 from then on
-        self._stats: dict[str, _Stats] = {}
-        self._stats_lock = threading.Lock()
+        self.stats = Statistics()
 
     # ------------------------------------------------------------------------------------- models
 
@@ -109,6 +122,26 @@ class DataPlane:
             raise NotReady("the server is shutting down")
         if info.state is ModelState.UNAVAILABLE:
             raise NotReady(f"model {name!r} is not ready" + (f": {info.reason}" if info.reason else ""))
+        return info
+
+    def encoder_info(self, name: str, version: str | None = None) -> ModelInfo:
+        """``ready_model_info`` of an embedding or classification model; ``InvalidInput`` for a generator."""
+        info = self.ready_model_info(name, version)
+        if info.kind is ModelKind.GENERATOR:
+            raise InvalidInput(
+                f"model {info.name!r} is a text generation model: it has no embeddings or labels; use "
+                f"/v1/completions, /v1/chat/completions or /v2/models/{info.name}/generate"
+            )
+        return info
+
+    def generator_info(self, name: str, version: str | None = None) -> ModelInfo:
+        """``ready_model_info`` of a text generation model; ``InvalidInput`` for any other kind."""
+        info = self.ready_model_info(name, version)
+        if info.kind is not ModelKind.GENERATOR:
+            raise InvalidInput(
+                f"model {info.name!r} ({info.kind.value}) is not a text generation model: use "
+                f"/v1/embeddings or /v2/models/{info.name}/infer"
+            )
         return info
 
     def ready(self) -> bool:
@@ -149,7 +182,7 @@ class DataPlane:
         for i, item in enumerate(inputs):
             if isinstance(item, str):
                 self.check_length(i, len(item), "characters")
-                _check_unicode(i, item)
+                _check_unicode(f"input {i}", item)
             else:
                 self.check_length(i, len(item), "token ids")
         return inputs
@@ -181,6 +214,66 @@ class DataPlane:
         work = self.engine.aclassify(info.name, inputs, options)
         return await self._timed(info.name, len(inputs), work, receive)
 
+    # --------------------------------------------------------------------------------- generation
+
+    def check_messages(self, messages: list[dict[str, str]]) -> None:
+        """A chat is one prompt: at most ``max_batch_inputs`` messages, ``max_input_length`` characters in
+        all (413 beyond either), each Unicode."""
+        count, limit = len(messages), self.settings.max_batch_inputs
+        if count > limit:
+            raise PayloadTooLarge(f"{count} messages in one request; the limit is {limit}")
+        chars, limit = sum(len(m["content"]) for m in messages), self.settings.max_input_length
+        if chars > limit:
+            raise PayloadTooLarge(f"the messages hold {chars} characters; the limit is {limit}")
+        for i, m in enumerate(messages):
+            _check_unicode(f"message {i}", m["content"])
+
+    async def _start(self, info: ModelInfo, req: GenerationRequest) -> Generation:
+        if req.messages is not None:
+            self.check_messages(req.messages)
+            return await self.engine.achat(info.name, req.messages, req.params, req.options)
+        if req.prompt is None:
+            raise InvalidInput("a generation request needs a prompt or messages")
+        self.check_inputs([req.prompt])
+        return await self.engine.acomplete(info.name, req.prompt, req.params, req.options)
+
+    async def generate(
+        self, info: ModelInfo, req: GenerationRequest, receive: Receive | None
+    ) -> GenerationResult:
+        """The whole output of ``req``; the generation is cancelled if the client disconnects first."""
+
+        async def run() -> GenerationResult:
+            return await (await self._start(info, req)).aresult()
+
+        return await self._timed(info.name, 1, run(), receive)
+
+    async def stream(
+        self, info: ModelInfo, req: GenerationRequest, receive: Receive | None
+    ) -> GenerationStream:
+        """``req`` started, once its first chunk has come (or it ended without one), so that an error
+        before the first token (a deadline, a full KV cache) is raised here, before any byte is sent.
+        Cancelled if the client disconnects meanwhile."""
+        start = time.perf_counter_ns()
+
+        async def first() -> tuple[Generation, AsyncGenerator[GenerationChunk, None], GenerationChunk | None]:
+            generation = await self._start(info, req)
+            chunks = generation.__aiter__()
+            try:
+                return generation, chunks, await chunks.__anext__()
+            except StopAsyncIteration:
+                return generation, chunks, None
+
+        try:
+            generation, chunks, chunk = await until_disconnect(first(), receive)
+        except BaseException:
+            self.stats.record(info.name, 1, False, time.perf_counter_ns() - start)
+            raise
+
+        def on_end(ok: bool) -> None:
+            self.stats.record(info.name, 1, ok, time.perf_counter_ns() - start)
+
+        return GenerationStream(generation, chunks, chunk, on_end)
+
     async def _timed(self, model: str, n: int, work: Coroutine[Any, Any, T], receive: Receive | None) -> T:
         start = time.perf_counter_ns()
         ok = False
@@ -189,118 +282,58 @@ class DataPlane:
             ok = True
             return result
         finally:
-            self._record(model, n, ok, time.perf_counter_ns() - start)
+            self.stats.record(model, n, ok, time.perf_counter_ns() - start)
 
     # -------------------------------------------------------------------------------------- stats
 
-    def _record(self, model: str, n: int, ok: bool, ns: int) -> None:
-        with self._stats_lock:
-            st = self._stats.setdefault(model, _Stats())
-            if ok:
-                st.success_count += 1
-                st.success_ns += ns
-                st.inference_count += n
-                st.last_inference_ms = int(time.time() * 1000)
-            else:
-                st.fail_count += 1
-                st.fail_ns += ns
-
     def statistics(self, names: list[str]) -> dict[str, Any]:
-        """Triton's statistics extension body for ``names``.
-
-        ``success``, ``fail``, ``inference_count`` and ``last_inference`` are this server's inference
-        requests (both protocols; ``ns`` from arrival to answer). ``queue``, ``compute_infer``,
-        ``execution_count`` and ``batch_stats`` come from the engine's counters, which see every request
-        of the model (HTTP or Python API): ``queue`` per request, from its arrival in the engine to the
-        start of its batch; ``compute_infer`` per batch (one model execution), as the engine times
-        batches. Input and output copies are inside ``compute_infer``, so ``compute_input`` and
-        ``compute_output`` stay zero. ``batch_stats`` has one entry per bucket of the engine's batch-size
-        histogram that saw batches: ``batch_size`` is the bucket's upper bound (1, 2, 4, ... requests) and
-        ``compute_infer.count`` its batches; the engine does not time batches by size, so their ``ns`` is 0.
-        """
-        with self._stats_lock:
-            snap = {n: dataclasses.replace(self._stats.get(n, _Stats())) for n in names}
-        zero = {"count": 0, "ns": 0}
-        out = []
-        for n, st in snap.items():
-            engine = engine_model_stats(self.engine.metrics, n)
-            out.append(
-                {
-                    "name": n,
-                    "version": MODEL_VERSION,
-                    "last_inference": st.last_inference_ms,
-                    "inference_count": st.inference_count,
-                    "execution_count": engine.batches,
-                    "inference_stats": {
-                        "success": {"count": st.success_count, "ns": st.success_ns},
-                        "fail": {"count": st.fail_count, "ns": st.fail_ns},
-                        "queue": {"count": engine.queued, "ns": engine.queue_ns},
-                        "compute_input": zero,
-                        "compute_infer": {"count": engine.batches, "ns": engine.compute_ns},
-                        "compute_output": zero,
-                    },
-                    "batch_stats": [
-                        {
-                            "batch_size": size,
-                            "compute_input": zero,
-                            "compute_infer": {"count": count, "ns": 0},
-                            "compute_output": zero,
-                        }
-                        for size, count in engine.batch_sizes
-                    ],
-                }
-            )
-        return {"model_stats": out}
+        """Triton's statistics extension body for ``names`` (see ``Statistics.body``)."""
+        return self.stats.body(names, self.engine.metrics, MODEL_VERSION)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineModelStats:
-    """One model's figures read from the engine's Prometheus counters."""
+class GenerationStream:
+    """A started generation whose first chunk has arrived. Iterate ``chunks()`` once (close it with
+    ``contextlib.aclosing``); then ``result()`` is the whole output. Closing it early (the client went
+    away, an error) cancels the generation, which frees its KV cache; the plane's statistics count the
+    request when it closes."""
 
-    queued: int  # requests that left the queue for a batch
-    queue_ns: int  # their total time in the queue
-    batches: int  # batches executed
-    compute_ns: int  # their total compute time
-    batch_sizes: list[tuple[int, int]]  # (bucket upper bound in requests, batches in that bucket)
+    def __init__(
+        self,
+        generation: Generation,
+        chunks: AsyncGenerator[GenerationChunk, None],
+        first: GenerationChunk | None,
+        on_end: Callable[[bool], None],
+    ) -> None:
+        self.generation = generation
+        self._chunks = chunks
+        self._first = first
+        self._on_end = on_end
 
+    async def chunks(self) -> AsyncGenerator[GenerationChunk, None]:
+        """Every chunk, the first included."""
+        ok = False
+        try:
+            if self._first is not None:
+                yield self._first
+                async for chunk in self._chunks:
+                    yield chunk
+            ok = True
+        finally:
+            self.generation.cancel()  # a no-op once it finished
+            await self._chunks.aclose()
+            self._on_end(ok)
 
-def engine_model_stats(metrics: Any, model: str) -> EngineModelStats:
-    """Read ``model``'s queue, compute and batch-size histograms from an ``EngineMetrics``."""
-    queued, queue_s, _ = _histogram(metrics.queue_seconds, model)
-    batches, compute_s, buckets = _histogram(metrics.compute_seconds, model)
-    _, _, size_buckets = _histogram(metrics.batch_size, model)
-    sizes: list[tuple[int, int]] = []
-    below = 0
-    for bound, cumulative in size_buckets:  # cumulative counts, ascending bounds
-        if cumulative > below and math.isfinite(bound):
-            sizes.append((int(bound), cumulative - below))
-        below = cumulative
-    return EngineModelStats(queued, round(queue_s * 1e9), batches, round(compute_s * 1e9), sizes)
-
-
-def _histogram(hist: Any, model: str) -> tuple[int, float, list[tuple[float, int]]]:
-    """(count, sum, cumulative buckets) of one model's child of a labelled Prometheus histogram."""
-    count, total, buckets = 0, 0.0, []
-    for family in hist.collect():
-        for sample in family.samples:
-            if sample.labels.get("model") != model:
-                continue
-            if sample.name.endswith("_count"):
-                count = int(sample.value)
-            elif sample.name.endswith("_sum"):
-                total = sample.value
-            elif sample.name.endswith("_bucket"):
-                buckets.append((float(sample.labels["le"]), int(sample.value)))
-    buckets.sort()
-    return count, total, buckets
+    def result(self) -> GenerationResult:
+        """The whole output, once the iteration ended."""
+        return self.generation.result(timeout=0)
 
 
-def _check_unicode(i: int, text: str) -> None:
+def _check_unicode(what: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInput(
-            f"input {i} is not valid Unicode: a lone surrogate at character {exc.start} "
+            f"{what} is not valid Unicode: a lone surrogate at character {exc.start} "
             "(JSON \\u escapes of surrogates must come in high-low pairs)"
         ) from None
 

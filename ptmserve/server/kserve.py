@@ -1,12 +1,15 @@
-"""KServe v2 / Triton routes: metadata, health, infer, schedule policy, model repository, statistics.
+"""KServe v2 / Triton routes: metadata, health, infer, schedule policy, model repository, statistics
+(Triton's generate extension for text generation models is in ``generate.py``).
 
-Tensor contract (``docs/server.md``):
+Tensor contract of embedding and classification models (``docs/server.md``):
 - inputs: ``TEXT`` (BYTES, [-1]; [-1, 1] also accepted) or ``INPUT_IDS`` (INT64, [-1, -1]) with an optional
   ``ATTENTION_MASK`` (INT64, same shape; 1 = real token, 0 = padding to drop). Exactly one of TEXT and
   INPUT_IDS. Without a mask every INPUT_IDS element is a real token.
 - outputs: ``EMBEDDING`` (FP32, [-1, dim]); classifiers also ``LOGITS`` (FP32, [-1, C]) and ``LABEL``
   (BYTES, [-1]). With no ``outputs`` in the request, embedding models return EMBEDDING and classifiers
   return LOGITS and LABEL. One forward pass serves every output a request asks for.
+Text generation models list Triton's generate tensors: input ``text_input`` and output ``text_output``
+(BYTES); they serve ``generate``, not ``infer``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ptmserve.engine.api import InferenceOptions, ModelInfo, ModelState
+from ptmserve.engine.api import InferenceOptions, ModelInfo, ModelKind, ModelState
 from ptmserve.errors import InvalidInput, NotReady, PayloadTooLarge
 from ptmserve.protocol import codecs
 from ptmserve.protocol.schedule import schedule_value
 from ptmserve.server.dataplane import MODEL_VERSION, DataPlane, Inputs
 
-EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_repository", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_repository", "statistics", "generate"]
 PLATFORM = "ptmserve"
 _INPUTS = ("TEXT", "INPUT_IDS", "ATTENTION_MASK")
 _CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
@@ -35,7 +38,9 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
 
 
-def input_specs() -> list[dict[str, Any]]:
+def input_specs(info: ModelInfo) -> list[dict[str, Any]]:
+    if info.kind is ModelKind.GENERATOR:
+        return [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]
     return [
         {"name": "TEXT", "datatype": "BYTES", "shape": [-1]},
         {"name": "INPUT_IDS", "datatype": "INT64", "shape": [-1, -1]},
@@ -44,6 +49,8 @@ def input_specs() -> list[dict[str, Any]]:
 
 
 def output_specs(info: ModelInfo) -> list[dict[str, Any]]:
+    if info.kind is ModelKind.GENERATOR:
+        return [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]
     specs = [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, info.dim]}]
     if info.labels:
         specs.append({"name": "LOGITS", "datatype": "FP32", "shape": [-1, len(info.labels)]})
@@ -90,7 +97,7 @@ class KServeRoutes:
                 "name": info.name,
                 "versions": [MODEL_VERSION],
                 "platform": PLATFORM,
-                "inputs": input_specs(),
+                "inputs": input_specs(info),
                 "outputs": output_specs(info),
             }
         )
@@ -141,7 +148,7 @@ class KServeRoutes:
                 # requests, so Triton's implicit batch dimension (max_batch_size > 0) does not apply.
                 "max_batch_size": 0,
                 "version_policy": {"latest": {"num_versions": 1}},
-                "input": entries(input_specs(), optional=True),
+                "input": entries(input_specs(info), optional=info.kind is not ModelKind.GENERATOR),
                 "output": entries(output_specs(info), optional=False),
                 "parameters": {k: {"string_value": v} for k, v in params.items()},
             }
@@ -156,7 +163,7 @@ class KServeRoutes:
         return await self._infer(request, model, version)
 
     async def _infer(self, request: Request, model: str, version: str | None) -> Response:
-        info = self.plane.ready_model_info(model, version)
+        info = self.plane.encoder_info(model, version)
         body = codecs.decompress(
             await request.body(), request.headers.get("content-encoding"), self.plane.settings.max_body_bytes
         )

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/embeddings``.
+"""OpenAI-compatible routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/embeddings``,
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (their bodies: ``completions.py``).
 
 ``input`` is a string, a list of strings, one token id list, or a list of token id lists.
 ``encoding_format`` ``base64`` returns each embedding as base64 of little-endian float32 bytes (what the
@@ -6,8 +7,9 @@
 Extensions (send them with the openai client's ``extra_body``): ``priority`` and ``timeout`` (µs), with the
 meaning of KServe's schedule policy parameters.
 
-The route parses its body itself (whatever the ``Content-Type``, so ``curl -d`` works) and counts the
-inputs before validating them, so an oversized list is refused before pydantic builds it.
+The routes parse their bodies themselves (whatever the ``Content-Type``, so ``curl -d`` works); the
+embeddings route counts the inputs before validating them, so an oversized list is refused before
+pydantic builds it. A generation with ``stream: true`` answers server-sent events (``sse.py``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ptmserve.engine.api import ModelState
 from ptmserve.errors import InvalidInput
+from ptmserve.protocol import codecs
 from ptmserve.protocol.schedule import MAX_SCHEDULE_VALUE
+from ptmserve.server.completions import ChatRequest, CompletionRequest, Reply, refuse_unsupported
 from ptmserve.server.dataplane import DataPlane, Inputs
-from ptmserve.server.errors import invalid_input_from
+from ptmserve.server.schemas import M, validated
+from ptmserve.server.sse import EventStream, generation_events
 
 OWNER = "ptmserve"
 
@@ -45,18 +50,12 @@ class EmbeddingRequest(BaseModel):
     timeout: StrictInt | None = Field(default=None, ge=0, le=MAX_SCHEDULE_VALUE)  # extension: deadline, µs
 
 
-def embedding_request_schema() -> dict[str, Any]:
-    """The OpenAPI ``requestBody`` of ``POST /v1/embeddings`` (the route parses the body itself)."""
-    schema = EmbeddingRequest.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj).encode(), status_code=status, media_type="application/json")
 
 
 class OpenAIRoutes:
-    """Endpoints of the OpenAI embeddings API over one ``DataPlane``."""
+    """Endpoints of the OpenAI API (models, embeddings, completions, chat) over one ``DataPlane``."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -75,7 +74,7 @@ class OpenAIRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = self.parse(await request.body())
-        info = self.plane.ready_model_info(body.model)
+        info = self.plane.encoder_info(body.model)
         if body.dimensions is not None and body.dimensions != info.dim:
             raise InvalidInput(
                 f"dimensions={body.dimensions} is not supported: model {info.name!r} returns {info.dim}"
@@ -93,22 +92,38 @@ class OpenAIRoutes:
 
     def parse(self, raw: bytes) -> EmbeddingRequest:
         """The request body, its input count and length checked before pydantic validates each input."""
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidInput(f"body is not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise InvalidInput("body must be a JSON object")
+        obj, _ = codecs.split_body(raw, None)
         items = obj.get("input")
         if isinstance(items, list) and items:
             if isinstance(items[0], int) and not isinstance(items[0], bool):  # one token id list
                 self.plane.check_length(0, len(items), "token ids")
             else:
                 self.plane.check_count(len(items))
-        try:
-            return EmbeddingRequest.model_validate(obj)
-        except ValidationError as exc:
-            raise invalid_input_from(exc.errors()) from None
+        return validated(EmbeddingRequest, obj)
+
+    async def completions(self, request: Request) -> Response:
+        body = self._generation_body(CompletionRequest, await request.body())
+        return await self._generate(request, body, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = self._generation_body(ChatRequest, await request.body())
+        return await self._generate(request, body, chat=True)
+
+    def _generation_body(self, model: type[M], raw: bytes) -> M:
+        obj, _ = codecs.split_body(raw, None)
+        refuse_unsupported(obj)
+        return validated(model, obj)
+
+    async def _generate(
+        self, request: Request, body: CompletionRequest | ChatRequest, chat: bool
+    ) -> Response:
+        info = self.plane.generator_info(body.model)
+        req = body.generation(self.plane)
+        reply = Reply.new(info.name, chat=chat, include_usage=body.include_usage)
+        if body.stream:
+            stream = await self.plane.stream(info, req, request.receive)
+            return EventStream(generation_events(stream, reply, request.url.path))
+        return _json(reply.whole(await self.plane.generate(info, req, request.receive)))
 
 
 def _inputs(raw: str | list[str] | list[int] | list[list[int]]) -> Inputs:

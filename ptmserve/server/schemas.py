@@ -1,13 +1,20 @@
-"""OpenAPI descriptions of the KServe request bodies that routes parse themselves.
+"""OpenAPI descriptions of the request bodies that routes parse themselves.
 
 The infer route reads raw bytes (JSON, optionally followed by binary tensor data), so FastAPI cannot
 derive its schema from a pydantic model; these hand-written schemas document it in ``/openapi.json``
-(and give fuzzers something to generate). They describe the JSON form only.
+(and give fuzzers something to generate). They describe the JSON form only. Routes that validate their
+JSON body with a pydantic model themselves (OpenAI's, Triton's generate) take it from the model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ptmserve.server.errors import invalid_input_from
+
+M = TypeVar("M", bound=BaseModel)
 
 _PARAMETERS: dict[str, Any] = {"type": "object", "additionalProperties": True}
 
@@ -62,3 +69,17 @@ REPOSITORY_INDEX_SCHEMA: dict[str, Any] = {
 def model_request_schema() -> dict[str, Any]:
     """Body of repository load/unload: optional ``parameters`` (Triton's; mostly ignored here)."""
     return {"schema": {"type": "object", "properties": {"parameters": _PARAMETERS}}}
+
+
+def request_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that validates its JSON body with ``model`` itself."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def validated(model: type[M], obj: dict[str, Any]) -> M:
+    """The JSON object ``obj`` as ``model``; ``InvalidInput`` (400) naming what is wrong, not the values."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise invalid_input_from(exc.errors()) from None

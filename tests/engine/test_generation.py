@@ -4,6 +4,7 @@ what happens when another model's request arrives while sequences run."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -296,3 +297,21 @@ def test_a_model_with_running_sequences_is_never_evicted(engine_factory, repo_an
     assert stream.result().completion_tokens == 60 and embedded.embeddings.shape[0] == 1
     loads = engine.metrics.registry.get_sample_value("ptmserve_model_loads_total", {"model": "llama-tied"})
     assert loads == 1
+
+
+def test_a_caller_cancelled_while_its_prompt_is_prepared_leaves_nothing_running(engine_factory) -> None:  # noqa: ANN001
+    engine = engine_factory()
+    messages = [{"role": "user", "content": "the man said hello " * 5000}]  # milliseconds to tokenize
+    params = GenerationParams(max_tokens=200, ignore_eos=True)
+
+    async def cancel_while_preparing() -> None:
+        task = asyncio.create_task(engine.achat("llama-tied", messages, params))
+        await asyncio.sleep(0.001)  # rendering and tokenizing on the pool
+        assert task.cancel(), "the prompt was prepared already"
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    for _ in range(5):
+        asyncio.run(cancel_while_preparing())
+    _wait_until(lambda: engine.generation.sequences == 0 and engine._scheduler.pending() == 0, timeout=3.0)
+    assert engine.generation.used_blocks == 0

@@ -99,3 +99,13 @@ def test_streamable_length_holds_back_a_possible_stop_prefix() -> None:
     assert streamable_length("hello", ["x"]) == 5
     assert streamable_length("abc<", ["</s>", "<|end|>"]) == 3
     assert streamable_length("", ["a"]) == 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300)],
+)
+def test_extreme_parameters_never_fail_a_step(params: SamplingParams) -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
+    picked = sample(logits, [params, params], [make_generator(params), make_generator(params)])
+    assert picked == [1, 0]
