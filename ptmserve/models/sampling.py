@@ -15,7 +15,6 @@ import torch
 
 from ptmserve.errors import InvalidInput
 
-
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / temperature would overflow)
 
 
