@@ -83,9 +83,10 @@ class GenerationParams:
     """How one generation request samples and when it stops (OpenAI's parameters)."""
 
     max_tokens: int | None = None  # new tokens at most; None: until the context (or the KV cache) is full
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
+    # None: the model's own default (its generation settings), else 1.0, 1.0 and 0 (OpenAI's)
+    temperature: float | None = None  # 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None  # 0: no top-k filter
     seed: int | None = None  # the same seed and prompt give the same tokens, whatever shares the batch
     stop: tuple[str, ...] = ()  # the text ends before the first of these (not included)
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)

@@ -512,7 +512,7 @@ class Engine:
                 f"of {capacity} tokens for {model!r}; raise --kv-cache-memory or ask for fewer tokens"
             )
         max_new = min(params.max_tokens or context, context - len(ids), capacity - len(ids))
-        sampling = SamplingParams(params.temperature, params.top_k, params.top_p, params.seed)
+        sampling = _sampling(params, entry.manifest.generation.get("sampling") or {})
         end_ids = frozenset() if params.ignore_eos else _end_ids(entry.manifest.generation)
         cls = request_class(options.priority, self._defaults.default_class)
         now = self._scheduler.clock()
@@ -547,6 +547,24 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sampling(params: GenerationParams, defaults: Mapping[str, Any]) -> SamplingParams:
+    """The request's sampling parameters; those it leaves out take the model's defaults, else OpenAI's.
+
+    Raises:
+        InvalidInput: a parameter is out of range.
+    """
+
+    def pick(value: Any, name: str, fallback: Any) -> Any:
+        return value if value is not None else defaults.get(name, fallback)
+
+    return SamplingParams(
+        temperature=float(pick(params.temperature, "temperature", 1.0)),
+        top_k=int(pick(params.top_k, "top_k", 0)),
+        top_p=float(pick(params.top_p, "top_p", 1.0)),
+        seed=params.seed,
+    )
 
 
 def _end_ids(generation: Mapping[str, Any]) -> frozenset[int]:

@@ -75,34 +75,48 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
 
 
 def _generation_settings(folder: Path, config_json: dict[str, Any]) -> dict[str, Any]:
-    """A decoder's chat template and special tokens, from ``tokenizer_config.json`` and
-    ``generation_config.json`` (or ``config.json``) when the folder has them; what is missing is left out."""
-    out: dict[str, Any] = {}
-    ids = dict(config_json)
+    """A decoder's special tokens, default sampling and chat template, from ``generation_config.json``
+    (or ``config.json``) and ``tokenizer_config.json`` when the folder has them; what is missing is left
+    out."""
+    settings = dict(config_json)
     if (folder / "generation_config.json").is_file():
-        ids.update(_read_json(folder / "generation_config.json") or {})
+        settings.update(_read_json(folder / "generation_config.json") or {})
+    out = _token_ids_and_sampling(settings)
+    tokenizer_config = folder / "tokenizer_config.json"
+    tc = _read_json(tokenizer_config) if tokenizer_config.is_file() else None
+    if isinstance(tc, dict):
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str):
+            out["chat_template"] = template
+        for role in ("bos", "eos"):
+            token = tc.get(f"{role}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                out[f"{role}_token"] = token
+    return out
+
+
+def _token_ids_and_sampling(settings: dict[str, Any]) -> dict[str, Any]:
+    """``bos_token_id``, ``eos_token_id`` (and ``eot_token_id`` when a list names two) and the default
+    ``sampling`` of a generation config."""
+    out: dict[str, Any] = {}
     for role in ("bos", "eos"):
-        value = ids.get(f"{role}_token_id")
+        value = settings.get(f"{role}_token_id")
         values = value if isinstance(value, list) else [value]
         values = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
         if values:
             out[f"{role}_token_id"] = values[0]
         if role == "eos" and len(values) > 1:
             out["eot_token_id"] = values[1]  # e.g. an end-of-turn token next to end-of-text
-    tokenizer_config = folder / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        tc = _read_json(tokenizer_config)
-        if isinstance(tc, dict):
-            template = tc.get("chat_template")
-            if isinstance(template, list):  # named templates: the default one
-                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-            if isinstance(template, str):
-                out["chat_template"] = template
-            for role in ("bos", "eos"):
-                token = tc.get(f"{role}_token")
-                token = token.get("content") if isinstance(token, dict) else token
-                if isinstance(token, str):
-                    out[f"{role}_token"] = token
+    sampling = {
+        k: settings[k] for k in ("temperature", "top_p", "top_k") if isinstance(settings.get(k), (int, float))
+    }
+    if settings.get("do_sample") is False:
+        sampling = {"temperature": 0}  # the checkpoint decodes greedily
+    if sampling:
+        out["sampling"] = sampling
     return out
 
 

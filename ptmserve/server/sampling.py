@@ -55,9 +55,9 @@ class SamplingFields(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return GenerationParams(
             max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            temperature=self.temperature,  # None: the model's default
+            top_p=self.top_p,
+            top_k=self.top_k,
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,

@@ -25,7 +25,13 @@ IMPORT_DTYPES = ("auto", *MODEL_DTYPES)
 _LOG_EVERY = 256 << 20  # log progress every this many new bytes
 
 
-def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto") -> ModelManifest:
+def import_checkpoint(
+    repo: Repository,
+    src: Path,
+    name: str,
+    dtype: str = "auto",
+    sampling: Mapping[str, float] | None = None,
+) -> ModelManifest:
     """Read the checkpoint ``src`` and store it as model ``name`` (replacing one of that name).
 
     Args:
@@ -35,6 +41,8 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         name: the model name.
         dtype: "auto" keeps the checkpoint's floating dtype (float32 for a GGUF file); "float32",
             "bfloat16" or "float16" casts every floating tensor (integer tensors are kept as they are).
+        sampling: a decoder's default ``temperature``, ``top_p``, ``top_k`` (requests that leave one out
+            take it), over those its checkpoint gives.
 
     Returns:
         The stored manifest.
@@ -65,7 +73,9 @@ def import_checkpoint(repo: Repository, src: Path, name: str, dtype: str = "auto
         progress=_progress_logger(name),
         architecture=ckpt.architecture,
         group_order=registry.get(ckpt.architecture).group_names(ckpt.config),
-        generation=ckpt.generation,
+        generation={**ckpt.generation, "sampling": {**ckpt.generation.get("sampling", {}), **sampling}}
+        if sampling
+        else ckpt.generation,
     )
     logger.info(
         "imported %s from %s as %s: %d tensors, %.1f MB in %.2f s",

@@ -315,3 +315,18 @@ def test_a_caller_cancelled_while_its_prompt_is_prepared_leaves_nothing_running(
         asyncio.run(cancel_while_preparing())
     _wait_until(lambda: engine.generation.sequences == 0 and engine._scheduler.pending() == 0, timeout=3.0)
     assert engine.generation.used_blocks == 0
+
+
+def test_parameters_left_out_take_the_models_defaults(tmp_path, repo_and_refs: tuple) -> None:  # noqa: ANN001
+    folder, hf = make_tiny_decoder(tmp_path / "ck", "llama-tied")
+    repo = Repository(tmp_path / "repo")
+    import_checkpoint(repo, folder, name="greedy-by-default", sampling={"temperature": 0.0})
+    assert repo.manifest("greedy-by-default").generation["sampling"] == {"temperature": 0.0}
+    with Engine(repo, EngineSettings(dtype="float32")) as engine:
+        prompt = _prompt(12, 9)
+        result = engine.complete(
+            "greedy-by-default", prompt, GenerationParams(max_tokens=10, ignore_eos=True)
+        )
+        assert list(result.result(30).token_ids) == reference_greedy(hf, prompt, 10)
+        sampled = GenerationParams(max_tokens=10, ignore_eos=True, temperature=1.0, seed=1)
+        assert engine.complete("greedy-by-default", prompt, sampled).result(30).completion_tokens == 10
