@@ -29,6 +29,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,60 +82,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="folder for the temporary repository (default: system temp)")
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one run measures, resolved from the options (``--quick`` changes the defaults)."""
+
+    models: tuple[str, ...]
+    levels: tuple[int, ...]  # concurrency levels
+    counts: tuple[int, ...]  # requests per level
+    prompt_len: tuple[int, int]  # inclusive range
+    gen_len: tuple[int, int]
+    parity_prompts: int
+    parity_tokens: int
+    systems: frozenset[str]
+    dtype: str
+    max_batch_tokens: int
+    seed: int
+    llama_note: str | None  # why llama.cpp is skipped, or None when it runs
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        preset = QUICK if args.quick else FULL
+        levels = _ints(args.concurrency or preset["concurrency"])
+        counts = _ints(args.requests or preset["requests"])
+        counts = counts * len(levels) if len(counts) == 1 else counts
+        if len(counts) != len(levels):
+            raise SystemExit(f"--requests needs one number or one per level ({len(levels)})")
+        chosen = frozenset(s.strip() for s in args.systems.split(",") if s.strip())
+        if not chosen <= set(SYSTEMS):
+            raise SystemExit(f"--systems: unknown {sorted(chosen - set(SYSTEMS))}; known: {SYSTEMS}")
+        parity = args.parity_prompts if args.parity_prompts is not None else (8 if args.quick else 64)
+        return cls(
+            models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+            levels=tuple(levels),
+            counts=tuple(counts),
+            prompt_len=_pair(args.prompt_len or preset["prompt_len"]),
+            gen_len=_pair(args.gen_len or preset["gen_len"]),
+            parity_prompts=parity,
+            parity_tokens=args.parity_tokens or (8 if args.quick else 32),
+            systems=chosen,
+            dtype=args.dtype,
+            max_batch_tokens=args.max_batch_tokens,
+            seed=args.seed,
+            llama_note=systems.llama_cpp_available() if "llama.cpp" in chosen else "not selected (--systems)",
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark, print progress, a table per model and the targets; return the results."""
     import transformers
 
-    quick = bool(args.quick)
-    preset = QUICK if quick else FULL
-    levels = _ints(args.concurrency or preset["concurrency"])
-    counts = _ints(args.requests or preset["requests"])
-    counts = counts * len(levels) if len(counts) == 1 else counts
-    if len(counts) != len(levels):
-        raise SystemExit(f"--requests needs one number or one per level ({len(levels)})")
-    prompt_len = _pair(args.prompt_len or preset["prompt_len"])
-    gen_len = _pair(args.gen_len or preset["gen_len"])
-    parity_n = args.parity_prompts if args.parity_prompts is not None else (8 if quick else 64)
-    parity_tokens = args.parity_tokens or (8 if quick else 32)
-    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
-    dtype = getattr(torch, args.dtype)
-    llama_note = systems.llama_cpp_available() if "llama.cpp" in chosen else "not selected (--systems)"
+    plan = Plan.from_args(args)
     load_before = os.getloadavg()
     result: dict[str, Any] = {
         "bench": "generate",
-        "command": "ptmserve bench generate" + (" --quick" if quick else ""),
+        "command": "ptmserve bench generate" + (" --quick" if args.quick else ""),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "dtype": args.dtype,
+        "dtype": plan.dtype,
         "workload": {
-            "concurrency": levels,
-            "requests": counts,
-            "prompt_tokens": list(prompt_len),
-            "generated_tokens": list(gen_len),
-            "seed": args.seed,
+            "concurrency": list(plan.levels),
+            "requests": list(plan.counts),
+            "prompt_tokens": list(plan.prompt_len),
+            "generated_tokens": list(plan.gen_len),
+            "seed": plan.seed,
             "timeout_s": TIMEOUT_S,
-            "parity_prompts": parity_n,
-            "parity_tokens": parity_tokens,
-        },  # fmt: skip
-        "engine": {"max_batch_tokens": args.max_batch_tokens},
-        "systems": chosen,
-        "llama_cpp": {"skipped": llama_note} if llama_note else {},
+            "parity_prompts": plan.parity_prompts,
+            "parity_tokens": plan.parity_tokens,
+        },
+        "engine": {"max_batch_tokens": plan.max_batch_tokens},
+        "systems": sorted(plan.systems),
+        "llama_cpp": {"skipped": plan.llama_note} if plan.llama_note else {},
         "models": [],
     }
     work = Path(tempfile.mkdtemp(prefix="ptmserve-bench-generate-", dir=args.workdir))
     try:
         repo = Repository(work / "repo")
-        for key in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for key in plan.models:
             _progress(f"{key}: preparing (import into the repository, transformers twin)")
-            model = prepare(key, work, repo, dtype, args.seed)
-            setup = dict(levels=levels, counts=counts, prompt_len=prompt_len, gen_len=gen_len)
-            setup.update(
-                parity_n=parity_n, parity_tokens=parity_tokens, systems=chosen, llama_note=llama_note
-            )
-            result["models"].append(_measure_model(model, repo, args, dtype, setup, result))
+            model = prepare(key, work, repo, getattr(torch, plan.dtype), plan.seed)
+            result["models"].append(_measure_model(model, repo, plan))
             del model
             gc.collect()
     finally:
@@ -145,50 +174,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _measure_model(
-    m: BenchModel, repo: Repository, args: argparse.Namespace, dtype: torch.dtype, setup: dict[str, Any],
-    result: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
+def _measure_model(m: BenchModel, repo: Repository, plan: Plan) -> dict[str, Any]:
+    """Every level on every selected system, then llama.cpp and the parity phase, for one model."""
     from ptmserve.engine.engine import Engine, EngineSettings
 
-    levels, counts = setup["levels"], setup["counts"]
+    dtype = getattr(torch, plan.dtype)
     workloads = {
         c: systems.make_requests(
-            m.token_stream, n, setup["prompt_len"], setup["gen_len"], m.max_positions, args.seed + c
+            m.token_stream, n, plan.prompt_len, plan.gen_len, m.max_positions, plan.seed + c
         )
-        for c, n in zip(levels, counts, strict=True)
+        for c, n in zip(plan.levels, plan.counts, strict=True)
     }
     longest = max(len(r.prompt) + r.max_new for w in workloads.values() for r in w)
-    kv_bytes = _kv_bytes(repo, m.name, max(levels), max(longest, 64), dtype)
-    result["engine"]["kv_cache_memory"] = max(kv_bytes, result["engine"].get("kv_cache_memory", 0))
+    longest = max(longest, PARITY_PROMPT_LEN[1] + plan.parity_tokens)
+    kv_bytes = _kv_bytes(repo, m.name, max(*plan.levels, PARITY_GROUP), longest, dtype)
     settings = EngineSettings(
-        dtype=args.dtype, kv_cache_memory=kv_bytes, max_batch_tokens=args.max_batch_tokens
+        dtype=plan.dtype, kv_cache_memory=kv_bytes, max_batch_tokens=plan.max_batch_tokens
     )
-    row: dict[str, Any] = {"model": m.label, "key": m.key, "levels": []}
-    want = set(setup["systems"])
-    decoder = load_decoder(repo, m.name, dtype) if "static" in want else None
-    engine = Engine(repo, settings) if "ours" in want or setup["parity_n"] else None
+    row: dict[str, Any] = {"model": m.label, "key": m.key, "kv_cache_memory": kv_bytes, "levels": []}
+    decoder = load_decoder(repo, m.name, dtype) if "static" in plan.systems else None
+    engine = Engine(repo, settings) if "ours" in plan.systems or plan.parity_prompts else None
     try:
-        warm = [systems.Request(workloads[levels[0]][0].prompt[:16], 4)]
+        warm = [systems.Request(workloads[plan.levels[0]][0].prompt[:16], 4)]
         if engine is not None:
             systems.run_engine(engine, m.name, warm, 1, TIMEOUT_S)  # loads the weights
         if decoder is not None:
             systems.run_static(decoder, warm, 1)
         systems.run_hf(m.hf, warm, 1)
-        for c in levels:
+        for c in plan.levels:
             level: dict[str, Any] = {"concurrency": c}
-            runs = [("ours", lambda c=c: systems.run_engine(engine, m.name, workloads[c], c, TIMEOUT_S))]
-            runs.append(("static", lambda c=c: systems.run_static(decoder, workloads[c], c)))
-            runs.append(("transformers", lambda c=c: systems.run_hf(m.hf, workloads[c], c)))
-            for name, fn in runs:
-                if name in want:
+            runs = {
+                "ours": lambda c=c: systems.run_engine(engine, m.name, workloads[c], c, TIMEOUT_S),
+                "static": lambda c=c: systems.run_static(decoder, workloads[c], c),
+                "transformers": lambda c=c: systems.run_hf(m.hf, workloads[c], c),
+            }
+            for name, fn in runs.items():  # one after another on the same requests
+                if name in plan.systems:
                     level[name] = systems.summarize(*fn())
                     _progress(f"{m.key}: concurrency {c}, {name}: {brief(level[name])}")
             level.update(ratios(level))
             row["levels"].append(level)
-        row["llama_cpp"] = _llama(m, workloads[max(levels)], setup["llama_note"])
-        if setup["parity_n"] and engine is not None:
-            row["parity"] = _parity(m, engine, args, setup)
+        row["llama_cpp"] = _llama(m, workloads[max(plan.levels)], plan.llama_note)
+        if plan.parity_prompts and engine is not None:
+            row["parity"] = _parity(m, engine, plan)
     finally:
         if engine is not None:
             engine.close()
@@ -200,23 +228,27 @@ def _llama(m: BenchModel, requests: list[systems.Request], note: str | None) -> 
         return {"skipped": note}
     if m.gguf is None:
         return {"skipped": "no GGUF file for this model"}
-    traces, wall, version = systems.run_llama_cpp(str(m.gguf), requests, torch.get_num_threads(), _progress)
-    return {"version": version, "sequential": True, **systems.summarize(traces, wall)}
+    _progress(f"{m.key}: llama.cpp, {len(requests)} requests one after another")
+    traces, wall, version = systems.run_llama_cpp(str(m.gguf), requests, torch.get_num_threads())
+    figures = systems.summarize(traces, wall)
+    _progress(f"{m.key}: llama.cpp: {brief(figures)}")
+    return {"version": version, "sequential": True, **figures}
 
 
-def _parity(m: BenchModel, engine: Any, args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
-    """Greedy tokens of ours (the engine at concurrency 16) against transformers on the same prompts.
+def _parity(m: BenchModel, engine: Any, plan: Plan) -> dict[str, Any]:
+    """Greedy tokens of ours (the engine, ``PARITY_GROUP`` clients) against transformers on the same
+    prompts.
 
     The prompts come in groups of ``PARITY_GROUP`` of one length, and transformers runs each group as one
     batch: no padding, so its reference is what it computes for each prompt alone.
     """
-    n, k = setup["parity_n"], setup["parity_tokens"]
+    n, k = plan.parity_prompts, plan.parity_tokens
     reqs: list[systems.Request] = []
     for g in range(0, n, PARITY_GROUP):
-        length = random.Random(args.seed + g).randint(*PARITY_PROMPT_LEN)
+        length = random.Random(plan.seed + g).randint(*PARITY_PROMPT_LEN)
         size = min(PARITY_GROUP, n - g)
         reqs += systems.make_requests(
-            m.token_stream, size, (length, length), (k, k), m.max_positions, args.seed + g
+            m.token_stream, size, (length, length), (k, k), m.max_positions, plan.seed + g
         )
     _progress(f"{m.key}: parity, {n} prompts x {k} greedy tokens")
     ours, _ = systems.run_engine(engine, m.name, reqs, min(PARITY_GROUP, n), TIMEOUT_S)
@@ -230,9 +262,13 @@ def _parity(m: BenchModel, engine: Any, args: argparse.Namespace, setup: dict[st
     identical = n - len(diverge)
     _progress(f"{m.key}: parity {identical}/{n} identical")
     return {
-        "prompts": n, "new_tokens": k, "identical": identical, "share": identical / n,
-        "first_divergence": diverge, "errors": [t.error for t in ours if t.error][:3],
-    }  # fmt: skip
+        "prompts": n,
+        "new_tokens": k,
+        "identical": identical,
+        "share": identical / n,
+        "first_divergence": diverge,  # token index of the first difference, per differing prompt
+        "errors": [t.error for t in ours if t.error][:3],
+    }
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -15,6 +15,7 @@ from ptmserve.errors import InvalidCheckpoint
 FAMILIES = ("bert", "roberta", "distilbert")  # the encoder variants ``encoder.Encoder`` implements
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 POOLING_MODES = ("mean", "cls")
+CONFIDENCES = ("max_prob", "entropy")  # how an early exit measures how sure it is
 
 # HF model_type -> our family. MiniLM checkpoints are plain BERT; XLM-R and CamemBERT are RoBERTa.
 _MODEL_TYPES = {
@@ -31,11 +32,44 @@ _CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 
 @dataclass(frozen=True, slots=True)
+class ExitSpec:
+    """An early exit after layer ``layer`` (0-based): a linear classifier over the model's pooling of that
+    layer's states, with parameters ``layers.{layer}.exit.weight`` ``(C, H)`` and ``.bias`` ``(C,)`` (in
+    that layer's load group). A row leaves the batch there when its confidence passes ``threshold``:
+    ``max_prob`` (the top softmax probability) >= threshold, or ``entropy`` (of the softmax, nats) <=
+    threshold. A ``max_prob`` threshold above 1 (or an ``entropy`` threshold below 0) never triggers."""
+
+    layer: int
+    threshold: float
+    confidence: str = "max_prob"
+
+    def __post_init__(self) -> None:
+        if self.confidence not in CONFIDENCES:
+            raise InvalidCheckpoint(f"exit confidence {self.confidence!r} is not one of {CONFIDENCES}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise InvalidCheckpoint(f"exit layer must be an integer >= 0, got {self.layer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "threshold": self.threshold, "confidence": self.confidence}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExitSpec:
+        try:
+            return cls(int(data["layer"]), float(data["threshold"]), str(data.get("confidence", "max_prob")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidCheckpoint(f"invalid exit {data!r}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
 class EncoderConfig:
     """Shapes and numerics of a BERT-family encoder.
 
     ``labels`` is empty when the checkpoint has no sequence-classification head; otherwise it holds
     the class names in logit order (from HF's ``id2label``).
+
+    ``exits`` (early exit, ``ExitSpec``), in increasing layer order, classify into ``labels`` too. When the
+    last one is after the last layer it is the final classifier and the model has no native ``head``;
+    otherwise the native head (BERT's pooler and classifier) is the final exit.
     """
 
     family: str  # "bert" | "roberta" | "distilbert"
@@ -50,9 +84,15 @@ class EncoderConfig:
     pad_token_id: int
     hidden_act: str = "gelu"
     labels: tuple[str, ...] = field(default_factory=tuple)
+    exits: tuple[ExitSpec, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         problems = []
+        layers = [e.layer for e in self.exits]
+        if layers and (layers != sorted(set(layers)) or layers[-1] >= self.num_layers):
+            problems.append(f"exit layers {layers} must increase and be below num_layers {self.num_layers}")
+        if self.exits and not self.labels:
+            problems.append("a model with exits needs labels")
         if self.family not in FAMILIES:
             problems.append(f"family {self.family!r} is not one of {FAMILIES}")
         if self.hidden_act not in ACTIVATIONS:
@@ -70,6 +110,12 @@ class EncoderConfig:
         if problems:
             raise InvalidCheckpoint("invalid encoder config: " + "; ".join(problems))
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "exits", tuple(self.exits))
+
+    @property
+    def has_native_head(self) -> bool:
+        """Whether the final classifier is the native head (``head.*``), not an exit after the last layer."""
+        return bool(self.labels) and not (self.exits and self.exits[-1].layer == self.num_layers - 1)
 
     @property
     def architecture(self) -> str:
@@ -98,13 +144,17 @@ class EncoderConfig:
         """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal config."""
         out = asdict(self)
         out["labels"] = list(self.labels)
+        out["exits"] = [e.to_dict() for e in self.exits]
+        if not self.exits:
+            del out["exits"]  # manifests of models without exits stay as they were
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
         """Inverse of ``to_dict``. Raises ``InvalidCheckpoint`` on unknown or missing fields."""
         try:
-            return cls(**{**data, "labels": tuple(data.get("labels", ()))})
+            exits = tuple(ExitSpec.from_dict(e) for e in data.get("exits", ()))
+            return cls(**{**data, "labels": tuple(data.get("labels", ())), "exits": exits})
         except TypeError as exc:
             raise InvalidCheckpoint(f"invalid encoder config dict: {exc}") from exc
 

@@ -43,9 +43,10 @@ class EncoderOutput:
 
 
 def group_names_for(config: EncoderConfig) -> list[str]:
-    """Groups of a model with ``config`` in execution order (``head`` only when it has labels)."""
+    """Groups of a model with ``config`` in execution order (``head`` only when it has a native head;
+    exit heads belong to their layer's group)."""
     groups = [GROUP_EMBEDDINGS] + [f"layers.{i}" for i in range(config.num_layers)]
-    return groups + [GROUP_HEAD] if config.labels else groups
+    return groups + [GROUP_HEAD] if config.has_native_head else groups
 
 
 class Embeddings(nn.Module):
@@ -104,7 +105,7 @@ class Encoder(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
-        self.head = Head(config) if config.labels else None
+        self.head = Head(config) if config.has_native_head else None
         self._act = _activation(config.hidden_act)
 
     @classmethod
