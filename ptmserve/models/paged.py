@@ -15,6 +15,8 @@ Everything here runs on any device with plain torch ops; the CUDA kernels come l
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +90,24 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On the CPU it lives in anonymous memory that the kernel zero-fills page by page on
+    first touch: a large cache costs neither a memset nor resident memory until blocks are written."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = itemsize * math.prod(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes)
+    tensor = torch.frombuffer(memory, dtype=dtype).view(shape)  # keeps ``memory`` alive
+    return tensor
+
+
 class KVCache:
     """Keys and values of every layer of one model, ``(num_layers, num_blocks, block_size, kv_heads,
-    head_dim)`` each, zero-filled (slots never written hold finite values, so masked padding is safe)."""
+    head_dim)`` each, zero-filled (slots never written hold finite values, so masked padding is safe;
+    on the CPU, pages become resident only when written)."""
 
     def __init__(
         self,
@@ -103,8 +120,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         self.block_size = block_size
 
     @classmethod
