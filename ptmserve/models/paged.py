@@ -169,6 +169,10 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def layer_blocks(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s keys and values by block ``(num_blocks, block_size, kv_heads, head_dim)`` (views)."""
+        return self.k[i], self.v[i]
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s keys and values as flat slots ``(num_blocks * block_size, kv_heads, head_dim)``
         (views: writing them writes the cache)."""
@@ -314,8 +318,8 @@ class DecodeBucket:
     """Single-token sequences of similar context length: one padded attention call for all of them."""
 
     rows: torch.Tensor  # (n,) int64 their rows in the step
-    slots: torch.Tensor  # (n, W) int64 cache slots of each context (padding reads block 0, masked)
-    mask: torch.Tensor | None  # (n, 1, 1, W) bool, True on real keys; None when none is padded
+    blocks: torch.Tensor  # (n, nb) int64 cache blocks of each context, in order (padding: block 0)
+    mask: torch.Tensor | None  # (n, 1, 1, nb * block_size) bool, True on real keys; None: none padded
 
 
 @dataclass(slots=True)
@@ -358,18 +362,21 @@ def make_paged_plan(batch: StepBatch) -> PagedPlan:
     buckets: list[DecodeBucket] = []
     order = sorted(decodes, key=lambda b: -batch.context_lens_host[b])
     while order:
-        width = batch.context_lens_host[order[0]]
-        members = [b for b in order if 2 * batch.context_lens_host[b] > width]
+        longest = batch.context_lens_host[order[0]]
+        members = [b for b in order if 2 * batch.context_lens_host[b] > longest]
         order = order[len(members) :]
         lengths = [batch.context_lens_host[b] for b in members]
+        nb = blocks_needed(longest, batch.block_size)
+        width = nb * batch.block_size  # whole blocks are read: keys past a context's end are masked
         mask = None
         if min(lengths) < width:
             lens = torch.tensor(lengths, device=device)
             mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        tables = batch.block_tables.index_select(0, torch.tensor(members, device=device))[:, :nb]
         buckets.append(
             DecodeBucket(
                 rows=torch.tensor([starts[b] for b in members], dtype=torch.int64, device=device),
-                slots=_context_slots(batch, torch.tensor(members, device=device), width),
+                blocks=tables.long(),
                 mask=mask,
             )
         )
@@ -413,13 +420,15 @@ def paged_attention(
             q[s:e].transpose(0, 1), ks, vs, attn_mask=part.mask, is_causal=part.slots is None
         )  # (nh, q, d)
         out[s:e] = o.transpose(0, 1)
+    kb, vb = cache.layer_blocks(layer)  # (num_blocks, block_size, kvh, d)
     for bucket in plan.decodes:
-        n, w = bucket.slots.shape
-        flat = bucket.slots.reshape(-1)
+        n, nb = bucket.blocks.shape
+        w = nb * cache.block_size
+        flat = bucket.blocks.reshape(-1)  # whole blocks are copied, not slot by slot
         # the query heads that share a kv head sit side by side as a "query length": kv heads not repeated
         qd = q.index_select(0, bucket.rows).view(n, kvh, rep, d)
-        kd = kc.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)  # (n, kvh, W, d)
-        vd = vc.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)
+        kd = kb.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)  # (n, kvh, W, d)
+        vd = vb.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)  # (n, kvh, rep, d)
         out.index_copy_(0, bucket.rows, o.reshape(n, nh, d))
     return out.view(t, nh * d)
