@@ -60,17 +60,27 @@ def model_path(model: str) -> str:
 
 
 def infer_call(
-    model: str, inputs: TextOrIds, outputs: Sequence[str], priority: int, timeout_us: int | None
+    model: str,
+    inputs: TextOrIds,
+    outputs: Sequence[str] | None,
+    priority: int,
+    timeout_us: int | None,
+    early_exit: bool = True,
 ) -> HttpCall:
-    """The infer request asking ``model`` for ``outputs`` (as binary tensors) of ``inputs``."""
+    """The infer request asking ``model`` for ``outputs`` (None: the model's default outputs), as binary
+    tensors, of ``inputs``; ``early_exit=False`` asks a model with early exits for full depth."""
     params: dict[str, Any] = {}
     if priority:
         params["priority"] = priority
     if timeout_us is not None:
         params["timeout"] = timeout_us
+    if not early_exit:
+        params["early_exit"] = False
+    if outputs is None:
+        params["binary_data_output"] = True
     req = codecs.InferRequest(
         inputs=input_tensors(inputs),
-        outputs=[codecs.RequestedOutput(name, binary=True) for name in outputs],
+        outputs=None if outputs is None else [codecs.RequestedOutput(name, binary=True) for name in outputs],
         parameters=params,
     )
     body, header_length = codecs.encode_infer_request(req, binary_inputs=True)
@@ -111,10 +121,23 @@ def embed_result(resp: codecs.InferResponse) -> EmbedResult:
 
 
 def classify_result(resp: codecs.InferResponse) -> ClassifyResult:
+    """The classification in a response to the model's default outputs (``infer_call(outputs=None)``):
+    ``exit_layers`` when the model has early exits (its ``EXIT_LAYER``), else None.
+
+    Raises:
+        InvalidInput: the model is not a classifier (it answered without ``LOGITS``).
+    """
+    names = {t.name for t in resp.outputs}
+    if "LOGITS" not in names:
+        raise InvalidInput(f"model {resp.model_name!r} has no classification head (no LOGITS or LABEL)")
     logits = np.asarray(resp.output("LOGITS"), dtype=np.float32)
     labels = [b.decode("utf-8") for b in resp.output("LABEL").ravel()]
+    exits = np.asarray(resp.output("EXIT_LAYER"), dtype=np.int32) if "EXIT_LAYER" in names else None
     return ClassifyResult(
-        logits=logits, labels=labels, prompt_tokens=int(resp.parameters.get("prompt_tokens", 0))
+        logits=logits,
+        labels=labels,
+        prompt_tokens=int(resp.parameters.get("prompt_tokens", 0)),
+        exit_layers=exits,
     )
 
 

@@ -71,10 +71,17 @@ class Client:
         return p.embed_result(p.parse_infer(r.content, r.headers))
 
     def classify(
-        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+        self,
+        model: str,
+        inputs: p.TextOrIds,
+        *,
+        priority: int = 0,
+        timeout_us: int | None = None,
+        early_exit: bool = True,
     ) -> ClassifyResult:
-        """Logits (B, C) and the argmax label of each input."""
-        r = self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
+        """Logits (B, C) and the argmax label of each input; for a model with early exits, the layer each
+        input left at (``exit_layers``; ``early_exit=False`` runs every input to full depth)."""
+        r = self._send(p.infer_call(model, inputs, None, priority, timeout_us, early_exit))
         return p.classify_result(p.parse_infer(r.content, r.headers))
 
     def complete(
@@ -167,9 +174,15 @@ class AsyncClient:
         return p.embed_result(p.parse_infer(r.content, r.headers))
 
     async def classify(
-        self, model: str, inputs: p.TextOrIds, *, priority: int = 0, timeout_us: int | None = None
+        self,
+        model: str,
+        inputs: p.TextOrIds,
+        *,
+        priority: int = 0,
+        timeout_us: int | None = None,
+        early_exit: bool = True,
     ) -> ClassifyResult:
-        r = await self._send(p.infer_call(model, inputs, ["LOGITS", "LABEL"], priority, timeout_us))
+        r = await self._send(p.infer_call(model, inputs, None, priority, timeout_us, early_exit))
         return p.classify_result(p.parse_infer(r.content, r.headers))
 
     async def complete(

@@ -43,14 +43,20 @@ class ModelInfo:
     stored_bytes: int  # bytes of its weights in the repository
     state: ModelState
     reason: str = ""  # why it is UNAVAILABLE, when it is
+    exits: tuple[int, ...] = ()  # layers (0-based) after which it has an early exit; () for most models
 
 
 @dataclass(frozen=True, slots=True)
 class InferenceOptions:
-    """Per-request scheduling hints, with Triton's schedule-policy semantics."""
+    """Per-request scheduling hints, with Triton's schedule-policy semantics, and how to classify."""
 
     priority: int = 0  # 0 = the model's default class, 1 = highest (real-time), >= 2 batch
     timeout_us: int | None = None  # the request must complete within this, or fail as a timeout
+    early_exit: bool = True  # a model with early exits may answer an input at an exit; False: full depth
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.early_exit, bool):
+            raise InvalidInput(f"early_exit must be true or false, got {str(self.early_exit)[:40]!r}")
 
 
 @dataclass(slots=True)
@@ -65,6 +71,9 @@ class ClassifyResult:
     labels: list[str]  # argmax label per input
     prompt_tokens: int
     embeddings: np.ndarray | None = None  # (B, D) float32 pooled embeddings, from the same forward pass
+    # (B,) int32, models with early exits only (else None): the last layer (0-based) each input computed,
+    # num_layers - 1 for the final classifier; an input that left early has its embedding at that layer
+    exit_layers: np.ndarray | None = None
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ queue raises ``Overloaded`` then and there) and the caller waits on a future. Th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -48,6 +49,7 @@ from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotRead
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.sizes import parse_size
 from ptmserve.models.chat import render_chat
+from ptmserve.models.exits import exits_of
 from ptmserve.models.sampling import SamplingParams
 from ptmserve.models.tokenizer import check_ids
 from ptmserve.store.manifest import dtype_name
@@ -211,7 +213,11 @@ class Engine:
     def model_info(self, name: str) -> ModelInfo:
         """Raises ModelNotFound (InvalidInput for a malformed name)."""
         state, reason = self._state(name)
-        return self.catalog.info(name, state, reason)
+        info = self.catalog.info(name, state, reason)
+        if info.kind is not ModelKind.CLASSIFIER:
+            return info
+        exits = tuple(e.layer for e in exits_of(self.catalog.entry(name).config))
+        return dataclasses.replace(info, exits=exits) if exits else info
 
     def _state(self, name: str) -> tuple[ModelState, str]:
         damage = self.catalog.damage(name)
@@ -328,7 +334,8 @@ class Engine:
         self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
     ) -> ClassifyResult:
         """Logits, the argmax label and the embeddings of each input (one forward pass); the model needs
-        a classification head."""
+        a classification head. A model with early exits answers each input at the first exit sure enough
+        of it (``options.early_exit=False``: at full depth) and reports where in ``exit_layers``."""
         return self._submit(model, inputs, options, classify=True).result()
 
     async def aembed(
@@ -391,7 +398,7 @@ class Engine:
         cls = request_class(options.priority, self._defaults.default_class)
         now = self._scheduler.clock()
         lengths = tuple(len(x) for x in token_ids)
-        work = Work(token_ids, classify)
+        work = Work(token_ids, classify, early_exit=options.early_exit)
         request = Request(
             id=next(self._ids),
             model=model,

@@ -57,6 +57,12 @@ class EngineMetrics:
         self.batch_tokens = Counter(
             "ptmserve_batch_tokens", "Real (non-padding) tokens computed.", ["model"], registry=r
         )
+        self.exits = Counter(
+            "ptmserve_exits",
+            "Classified inputs of models with early exits, by the last layer computed (num_layers - 1: all).",
+            ["model", "layer"],
+            registry=r,
+        )
         self.resident_bytes = Gauge(
             "ptmserve_resident_bytes", "Weight bytes resident per memory tier.", ["tier"], registry=r
         )

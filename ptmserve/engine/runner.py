@@ -25,6 +25,7 @@ from ptmserve.engine.requests import Request
 from ptmserve.engine.scheduler import Step
 from ptmserve.errors import NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
+from ptmserve.models.exits import EarlyExit, exits_of
 from ptmserve.models.packed import pack
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ class Work:
 
     token_ids: list[list[int]]
     classify: bool  # the client asked for logits (classification)
+    early_exit: bool = True  # its inputs may leave at the model's early exits (when it classifies)
     future: Future = field(default_factory=Future)
     embeddings: list[np.ndarray] = field(default_factory=list)  # (n, H) per computed part, in order
     logits: list[np.ndarray] = field(default_factory=list)  # (n, C) per computed part, when classify
+    exit_layers: list[np.ndarray] = field(default_factory=list)  # (n,) int32 per part, models with exits
 
 
 def work_of(req: Request) -> Work:
@@ -64,6 +67,9 @@ class RunnerOutput:
 
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, H) rows of its span
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # request id -> (n, C), when it classifies
+    # request id -> (n,) int32 exit layer of each row (``models/exits.py``), when it classifies on a model
+    # with early exits
+    exit_layers: dict[int, np.ndarray] = field(default_factory=dict)
     generated: dict[int, GenerationUpdate] = field(default_factory=dict)  # request id -> its progress
     exec_seconds: float = 0.0  # time the model computed, not counting waits for its weights
     wait_seconds: float = 0.0  # time compute waited for weights still loading (a demand load)
@@ -119,29 +125,36 @@ class ModelRunner:
         entry = self._catalog.entry(model)
         if entry.generates:
             return self._run_generation(step, model)
-        rows: list[tuple[int, int]] = []  # (request id, inputs in this step), in batch order
+        rows: list[tuple[Work, int]] = []  # (request's work, inputs in this step), in batch order
         inputs: list[list[int]] = []
         for r in step.batch:
-            start, end = step.spans.get(r.id, (0, len(work_of(r).token_ids)))
-            inputs.extend(work_of(r).token_ids[start:end])
-            rows.append((r.id, end - start))
-        classify = any(work_of(r).classify for r in step.batch)
+            work = work_of(r)
+            start, end = step.spans.get(r.id, (0, len(work.token_ids)))
+            inputs.extend(work.token_ids[start:end])
+            rows.append((work, end - start))
+        classify = any(work.classify for work, _ in rows)
+        early_exit = None
+        if classify and exits_of(entry.config):  # only rows of classifications that allow it may leave
+            early_exit = EarlyExit([w.classify and w.early_exit for w, n in rows for _ in range(n)])
         packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
         t0 = time.perf_counter()
         with self._weights.acquire(model) as loaded:
             self._prefetch(step.prefetch)  # queued behind this step's own load
-            acts = loaded.run(packed, classify=classify)
+            acts = loaded.run(packed, classify=classify, early_exit=early_exit)
             assert acts.embeddings is not None
             embeddings = acts.embeddings.float().cpu().numpy()
             logits = acts.logits.float().cpu().numpy() if acts.logits is not None else None
             waited = loaded.waited_seconds
         total = time.perf_counter() - t0
+        exit_layers = early_exit.layers.numpy() if early_exit and early_exit.layers is not None else None
         out = RunnerOutput(exec_seconds=max(0.0, total - waited), wait_seconds=waited)
         start = 0
-        for request_id, n in rows:
-            out.embeddings[request_id] = embeddings[start : start + n]
+        for r, (work, n) in zip(step.batch, rows, strict=True):
+            out.embeddings[r.id] = embeddings[start : start + n]
             if logits is not None:
-                out.logits[request_id] = logits[start : start + n]
+                out.logits[r.id] = logits[start : start + n]
+            if exit_layers is not None and work.classify:
+                out.exit_layers[r.id] = exit_layers[start : start + n]
             start += n
         return out
 

@@ -275,6 +275,8 @@ class Worker:
             work.embeddings.append(output.embeddings[r.id])
             if work.classify:
                 work.logits.append(output.logits[r.id])
+            if r.id in output.exit_layers:
+                work.exit_layers.append(output.exit_layers[r.id])
         for r in finished:
             try:
                 self._deliver(r)
@@ -323,7 +325,8 @@ class Worker:
             logits = np.concatenate(work.logits)
             labels = self._catalog.entry(req.model).config.labels
             names = [labels[i] for i in logits.argmax(axis=1)]
-            result: object = ClassifyResult(logits, names, prompt_tokens, embeddings)
+            exits = np.concatenate(work.exit_layers) if work.exit_layers else None
+            result: object = ClassifyResult(logits, names, prompt_tokens, embeddings, exits)
         else:
             result = EmbedResult(embeddings, prompt_tokens)
         self._end(req, result, Outcome.SUCCESS)
@@ -411,6 +414,10 @@ class Worker:
         m.compute_seconds.labels(model).observe(output.exec_seconds + output.wait_seconds)
         m.batch_size.labels(model).observe(len(step.batch))
         m.batch_tokens.labels(model).inc(step.tokens)
+        if output.exit_layers:
+            layers, counts = np.unique(np.concatenate(list(output.exit_layers.values())), return_counts=True)
+            for layer, count in zip(layers.tolist(), counts.tolist(), strict=True):
+                m.exits.labels(model, str(layer)).inc(count)
         stats = self._weights.stats()
         for tier in (stats.host, stats.device):
             m.resident_bytes.labels(tier.name).set(tier.used_bytes)

@@ -12,6 +12,7 @@ from ptmserve import errors
 from ptmserve.memory.loader import LoadJob, ModelRecord
 from ptmserve.memory.skeleton import Skeleton
 from ptmserve.models.config import Pooling
+from ptmserve.models.exits import EarlyExit
 from ptmserve.models.packed import PackedBatch
 from ptmserve.models.paged import KVCache, StepBatch
 from ptmserve.models.registry import ModelConfig
@@ -57,6 +58,7 @@ class LoadedModel:
         *,
         classify: bool = False,
         before: StageHook | None = None,
+        early_exit: EarlyExit | None = None,
     ) -> Activations:
         """Compute ``batch`` stage by stage, each as soon as its load group is on the device.
 
@@ -64,13 +66,22 @@ class LoadedModel:
         ``logits`` only when ``classify``. ``before(group, activations)`` runs after the group's weights
         arrived and before it computes.
 
+        A model with early exits classifies through them (``models/exits.py``): ``early_exit.allowed``
+        says which rows may leave early (without ``early_exit``: every row may) and the run sets
+        ``early_exit.layers``. Once every row has left, the later stages wait for no weights (the load
+        goes on in the background).
+
         Raises:
             errors.InvalidInput: ``classify`` on a model without a classification head.
             errors.CorruptData / errors.NotReady: the load of this model failed.
         """
         if classify and not self.config.labels:
             raise errors.InvalidInput(f"model {self.name!r} has no classification head")
-        stages = self.module.stages(classify=classify, pooling=pooling or self.pooling)
+        pooling = pooling or self.pooling
+        if early_exit is None:
+            stages = self.module.stages(classify=classify, pooling=pooling)
+        else:
+            stages = self.module.stages(classify=classify, pooling=pooling, early_exit=early_exit)  # type: ignore[call-arg]
         return run_stages(stages, Activations(batch), self._waiting(before))
 
     def step(self, batch: StepBatch, cache: KVCache, *, before: StageHook | None = None) -> torch.Tensor:
@@ -95,9 +106,10 @@ class LoadedModel:
         job = self._job
 
         def wait_then(group: str, acts: Activations) -> None:
-            t0 = time.perf_counter()
-            job.wait_group(group)
-            self.waited_seconds += time.perf_counter() - t0
+            if acts.batch.num_seqs:  # every row left at an early exit: nothing will use these weights
+                t0 = time.perf_counter()
+                job.wait_group(group)
+                self.waited_seconds += time.perf_counter() - t0
             if before is not None:
                 before(group, acts)
 

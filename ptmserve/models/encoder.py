@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmserve.errors import InvalidInput
-from ptmserve.models.config import EncoderConfig, Pooling
+from ptmserve.models.config import EncoderConfig, ExitSpec, Pooling
+from ptmserve.models.exits import EarlyExit, ExitRun, triggers
 from ptmserve.models.packed import PackedBatch
 from ptmserve.models.registry import check_tensors
 from ptmserve.models.runner import Activations, Stage, run_stages
@@ -40,6 +41,7 @@ class EncoderOutput:
 
     embeddings: torch.Tensor  # (B, H) pooled (and normalised if the pooling says so)
     logits: torch.Tensor | None  # (B, C) when the model has a classification head, else None
+    exit_layers: torch.Tensor | None = None  # (B,) int32 when the model has exits (see ``exits.py``)
 
 
 def group_names_for(config: EncoderConfig) -> list[str]:
@@ -65,9 +67,10 @@ class Embeddings(nn.Module):
 
 
 class Layer(nn.Module):
-    """One post-LN block: ``x = LN(x + O(attn(QKV x)))``; ``x = LN(x + down(act(up x)))``."""
+    """One post-LN block: ``x = LN(x + O(attn(QKV x)))``; ``x = LN(x + down(act(up x)))``; and, when it
+    has an early exit, its classifier ``exit`` (pooled states -> logits)."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, has_exit: bool = False) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.q = nn.Linear(h, h)
@@ -78,6 +81,7 @@ class Layer(nn.Module):
         self.up = nn.Linear(h, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.exit = nn.Linear(h, cfg.num_labels) if has_exit else None
 
 
 class Head(nn.Module):
@@ -98,13 +102,15 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class Encoder(nn.Module):
-    """The encoder of ``config``; our parameter names: ``embeddings.*``, ``layers.{i}.*``, ``head.*``."""
+    """The encoder of ``config``; our parameter names: ``embeddings.*``, ``layers.{i}.*`` (early exits:
+    ``layers.{i}.exit.*``), ``head.*``."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        exit_layers = {e.layer for e in config.exits}
+        self.layers = nn.ModuleList(Layer(config, i in exit_layers) for i in range(config.num_layers))
         self.head = Head(config) if config.has_native_head else None
         self._act = _activation(config.hidden_act)
 
@@ -153,32 +159,55 @@ class Encoder(nn.Module):
     def pool(self, hidden: torch.Tensor, batch: PackedBatch, pooling: Pooling) -> torch.Tensor:
         """One float32 vector per sequence ``(B, H)``: mean over its tokens or its first token, then
         L2-normalised if ``pooling.normalize``."""
-        if pooling.mode == "cls":
-            pooled = hidden[batch.cu_seqlens[:-1].long()].float()  # (B, H)
-        else:
-            sums = hidden.new_zeros((batch.num_seqs, hidden.shape[1]), dtype=torch.float32)
-            sums.index_add_(0, batch.seq_ids, hidden.float())  # (B, H)
-            lengths = torch.tensor(batch.lengths, dtype=torch.float32, device=hidden.device)
-            pooled = sums / lengths[:, None]
-        return F.normalize(pooled, p=2.0, dim=-1) if pooling.normalize else pooled
+        return _normalized(self.pool_states(hidden, batch, pooling.mode), pooling)
+
+    def pool_states(self, hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
+        """``pool`` without the normalisation: float32 ``(B, H)``, the mean of each sequence's states
+        (``mode`` "mean") or its first token's (``"cls"``). Early exits classify these."""
+        if mode == "cls":
+            return hidden[batch.cu_seqlens[:-1].long()].float()  # (B, H)
+        sums = hidden.new_zeros((batch.num_seqs, hidden.shape[1]), dtype=torch.float32)
+        sums.index_add_(0, batch.seq_ids, hidden.float())  # (B, H)
+        lengths = torch.tensor(batch.lengths, dtype=torch.float32, device=hidden.device)
+        return sums / lengths[:, None]
 
     def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Float32 logits ``(B, C)`` from each sequence's first token, as HF's classification head."""
         if self.head is None:
-            raise InvalidInput("this model has no classification head (its config has no labels)")
+            raise InvalidInput("this model has no native classification head")
         first = hidden[batch.cu_seqlens[:-1].long()]  # (B, H)
         x = self.head.dense(first)
         x = F.relu(x) if self.config.family == "distilbert" else torch.tanh(x)
         return self.head.out(x).float()  # (B, C)
 
-    def stages(self, *, classify: bool, pooling: Pooling) -> list[Stage]:
-        """One stage per load group (``embeddings``, ``layers.{i}``, ``head`` when ``classify``), then
-        pooling, which needs no weights."""
+    def exit_logits(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``(B, C)`` of the exit after layer ``i`` from ``pool_states`` of its output."""
+        head = self.layers[i].exit
+        if head is None:
+            raise InvalidInput(f"layer {i} has no early exit")
+        return head(pooled.to(head.weight.dtype)).float()
+
+    def stages(self, *, classify: bool, pooling: Pooling, early_exit: EarlyExit | None = None) -> list[Stage]:
+        """One stage per load group (``embeddings``, ``layers.{i}``, ``head`` when ``classify`` and the
+        model has a native head), then pooling, which needs no weights.
+
+        A model with exits classifies through them: after each layer with an exit, the rows sure enough
+        that ``early_exit.allowed`` lets go (default: all) leave the batch with that exit's logits and
+        their pooled states at that layer; the final classifier takes the rest. The run sets
+        ``acts.logits``, ``acts.embeddings`` (original row order) and ``early_exit.layers`` (see
+        ``exits.py`` for the convention). Without ``classify`` every row runs every layer. Models without
+        exits ignore ``early_exit``.
+
+        Raises:
+            InvalidInput: ``classify`` on a model without labels.
+        """
+        if classify and not self.config.labels:
+            raise InvalidInput("this model has no classification head (its config has no labels)")
+        if classify and self.config.exits:
+            return self._exit_stages(pooling, early_exit or EarlyExit())
         stages = [Stage(GROUP_EMBEDDINGS, self._embed_stage)]
         stages += [Stage(f"layers.{i}", partial(self._layer_stage, i)) for i in range(self.config.num_layers)]
         if classify:
-            if self.head is None:
-                raise InvalidInput("this model has no classification head (its config has no labels)")
             stages.append(Stage(GROUP_HEAD, self._head_stage))
         stages.append(Stage(STAGE_POOL, partial(self._pool_stage, pooling)))
         return stages
@@ -195,11 +224,72 @@ class Encoder(nn.Module):
     def _pool_stage(self, pooling: Pooling, acts: Activations) -> None:
         acts.embeddings = self.pool(acts.hidden, acts.batch, pooling)
 
-    def forward(self, batch: PackedBatch, pooling: Pooling) -> EncoderOutput:
-        """Embeddings (and logits when the model has a head) of every sequence in ``batch``."""
-        acts = run_stages(self.stages(classify=self.head is not None, pooling=pooling), Activations(batch))
+    # -- classification through early exits -----------------------------------------------------------
+
+    def _exit_stages(self, pooling: Pooling, early_exit: EarlyExit) -> list[Stage]:
+        run = ExitRun(early_exit.allowed)
+        specs = {e.layer: e for e in self.config.exits}
+        stages = [Stage(GROUP_EMBEDDINGS, partial(self._exit_embed_stage, run))]
+        stages += [
+            Stage(f"layers.{i}", partial(self._exit_layer_stage, i, specs.get(i), run, pooling))
+            for i in range(self.config.num_layers)
+        ]
+        if self.head is not None:
+            stages.append(Stage(GROUP_HEAD, partial(self._exit_head_stage, run, pooling)))
+        stages.append(Stage(STAGE_POOL, partial(self._exit_results_stage, run, early_exit)))
+        return stages
+
+    def _exit_embed_stage(self, run: ExitRun, acts: Activations) -> None:
+        run.start(acts.batch.num_seqs)
+        acts.hidden = self.embed(acts.batch)
+
+    def _exit_layer_stage(
+        self, i: int, spec: ExitSpec | None, run: ExitRun, pooling: Pooling, acts: Activations
+    ) -> None:
+        """Layer ``i`` on the rows still running; then its exit, if it has one: the rows that leave are
+        taken out of the packed batch (the final exit, after the last layer, takes every row)."""
+        if run.done:
+            return
+        acts.hidden = self.run_layer(i, acts.hidden, acts.batch)
+        final = i == self.config.num_layers - 1
+        if spec is None or not (final or run.may_leave):
+            return
+        pooled = self.pool_states(acts.hidden, acts.batch, pooling.mode)  # (n, H)
+        logits = self.exit_logits(i, pooled)  # (n, C)
+        embeddings = _normalized(pooled, pooling)
+        if final:
+            run.finish(i, logits, embeddings)
+            return
+        stay = run.leave(i, triggers(spec, logits), logits, embeddings)
+        if len(stay) < acts.batch.num_seqs:
+            acts.batch, rows = acts.batch.select(stay)
+            acts.hidden = acts.hidden.index_select(0, rows)  # (T', H)
+
+    def _exit_head_stage(self, run: ExitRun, pooling: Pooling, acts: Activations) -> None:
+        if not run.done:  # the native head is the final exit: full depth
+            logits = self.classify(acts.hidden, acts.batch)
+            run.finish(self.config.num_layers - 1, logits, self.pool(acts.hidden, acts.batch, pooling))
+
+    def _exit_results_stage(self, run: ExitRun, early_exit: EarlyExit, acts: Activations) -> None:
+        acts.logits, acts.embeddings, early_exit.layers = run.results()
+
+    def forward(
+        self, batch: PackedBatch, pooling: Pooling, early_exit: EarlyExit | None = None
+    ) -> EncoderOutput:
+        """Embeddings (and logits when the model has labels; exit layers when it has exits) of every
+        sequence in ``batch``; ``early_exit`` as in ``stages``."""
+        early_exit = early_exit or EarlyExit()
+        classify = bool(self.config.labels)
+        acts = run_stages(
+            self.stages(classify=classify, pooling=pooling, early_exit=early_exit), Activations(batch)
+        )
         assert acts.embeddings is not None
-        return EncoderOutput(embeddings=acts.embeddings, logits=acts.logits)
+        return EncoderOutput(embeddings=acts.embeddings, logits=acts.logits, exit_layers=early_exit.layers)
+
+
+def _normalized(pooled: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """``pooled`` L2-normalised when ``pooling.normalize`` says so."""
+    return F.normalize(pooled, p=2.0, dim=-1) if pooling.normalize else pooled
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

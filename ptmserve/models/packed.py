@@ -44,6 +44,34 @@ class PackedBatch:
             self._plan = make_plan(self.lengths, self.input_ids.device)
         return self._plan
 
+    def select(self, keep: Sequence[int]) -> tuple[PackedBatch, torch.Tensor]:
+        """The sub-batch of sequences ``keep`` (indices into this batch, increasing), and the token rows
+        ``(T',)`` int64 they occupy here, so that ``hidden.index_select(0, rows)`` follows the sub-batch.
+
+        Sequence ``keep[j]`` becomes sequence ``j``: ``cu_seqlens``, ``seq_ids``, ``lengths`` and
+        ``max_seqlen`` are rebuilt and the attention plan is built anew on first use; ids, positions and
+        token types are those rows' own. ``keep`` may be empty (no sequence left).
+        """
+        device = self.input_ids.device
+        chosen = torch.tensor(list(keep), dtype=torch.int64)
+        old_starts = torch.tensor([0, *itertools.accumulate(self.lengths)][:-1], dtype=torch.int64)
+        lengths = tuple(self.lengths[i] for i in keep)
+        lens = torch.tensor(lengths, dtype=torch.int64)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu[1:])
+        seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), lens)  # (T',)
+        rows = (old_starts[chosen][seq_ids] + torch.arange(int(cu[-1])) - cu[:-1][seq_ids]).to(device)
+        sub = PackedBatch(
+            input_ids=self.input_ids.index_select(0, rows),
+            position_ids=self.position_ids.index_select(0, rows),
+            token_type_ids=self.token_type_ids.index_select(0, rows),
+            seq_ids=seq_ids.to(device),
+            cu_seqlens=cu.to(torch.int32).to(device),
+            lengths=lengths,
+            max_seqlen=max(lengths, default=0),
+        )
+        return sub, rows
+
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch with its tensors on ``device``."""
         return PackedBatch(

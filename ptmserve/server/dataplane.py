@@ -187,12 +187,15 @@ class DataPlane:
                 self.check_length(i, len(item), "token ids")
         return inputs
 
-    def options(self, priority: int = 0, timeout_us: int | None = None) -> InferenceOptions:
-        """Engine options from the schedule parameters (each checked by ``schedule_value``)."""
+    def options(
+        self, priority: int = 0, timeout_us: int | None = None, early_exit: bool = True
+    ) -> InferenceOptions:
+        """Engine options from the schedule parameters (each checked by ``schedule_value``) and whether
+        inputs may leave at a model's early exits (``InvalidInput`` unless a bool)."""
         priority = schedule_value("priority", priority)
         timeout = schedule_value("timeout", 0 if timeout_us is None else timeout_us)
         timeout = min(timeout, LONGEST_TIMEOUT_US)
-        return InferenceOptions(priority=priority, timeout_us=timeout or None)
+        return InferenceOptions(priority=priority, timeout_us=timeout or None, early_exit=early_exit)
 
     async def embed(
         self, info: ModelInfo, inputs: Inputs, options: InferenceOptions, receive: Receive | None
@@ -206,8 +209,8 @@ class DataPlane:
     async def classify(
         self, info: ModelInfo, inputs: Inputs, options: InferenceOptions, receive: Receive | None
     ) -> ClassifyResult:
-        """Logits, labels and embeddings of ``inputs`` from one forward pass; ``InvalidInput`` for a model
-        without a classification head."""
+        """Logits, labels and embeddings (and exit layers, for a model with early exits) of ``inputs`` from
+        one forward pass; ``InvalidInput`` for a model without a classification head."""
         if not info.labels:
             raise InvalidInput(f"model {info.name!r} has no classification head (no LOGITS or LABEL)")
         inputs = self.check_inputs(inputs)

@@ -6,8 +6,11 @@ Tensor contract of embedding and classification models (``docs/server.md``):
   ``ATTENTION_MASK`` (INT64, same shape; 1 = real token, 0 = padding to drop). Exactly one of TEXT and
   INPUT_IDS. Without a mask every INPUT_IDS element is a real token.
 - outputs: ``EMBEDDING`` (FP32, [-1, dim]); classifiers also ``LOGITS`` (FP32, [-1, C]) and ``LABEL``
-  (BYTES, [-1]). With no ``outputs`` in the request, embedding models return EMBEDDING and classifiers
-  return LOGITS and LABEL. One forward pass serves every output a request asks for.
+  (BYTES, [-1]); models with early exits also ``EXIT_LAYER`` (INT32, [-1]: the last layer each input
+  computed). With no ``outputs`` in the request, embedding models return EMBEDDING and classifiers
+  return LOGITS and LABEL (and EXIT_LAYER). One forward pass serves every output a request asks for.
+- parameters: ``priority`` and ``timeout`` (schedule policy); ``early_exit`` (bool, default true; false
+  runs every input to full depth).
 Text generation models list Triton's generate tensors: input ``text_input`` and output ``text_output``
 (BYTES); they serve ``generate``, not ``infer``.
 """
@@ -31,7 +34,8 @@ from ptmserve.server.dataplane import MODEL_VERSION, DataPlane, Inputs
 EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_repository", "statistics", "generate"]
 PLATFORM = "ptmserve"
 _INPUTS = ("TEXT", "INPUT_IDS", "ATTENTION_MASK")
-_CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
+_CONFIG_TYPES = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32"}
+_CLASSIFY_OUTPUTS = ("LOGITS", "LABEL", "EXIT_LAYER")  # outputs computed by a classification
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -55,10 +59,14 @@ def output_specs(info: ModelInfo) -> list[dict[str, Any]]:
     if info.labels:
         specs.append({"name": "LOGITS", "datatype": "FP32", "shape": [-1, len(info.labels)]})
         specs.append({"name": "LABEL", "datatype": "BYTES", "shape": [-1]})
+    if info.exits:
+        specs.append({"name": "EXIT_LAYER", "datatype": "INT32", "shape": [-1]})
     return specs
 
 
 def default_outputs(info: ModelInfo) -> list[str]:
+    if info.exits:
+        return list(_CLASSIFY_OUTPUTS)
     return ["LOGITS", "LABEL"] if info.labels else ["EMBEDDING"]
 
 
@@ -131,6 +139,7 @@ class KServeRoutes:
         params = {
             "kind": info.kind.value,
             "labels": json.dumps(list(info.labels)),
+            "exits": json.dumps(list(info.exits)),
             "max_tokens": str(info.max_tokens),
             "vocab_size": str(info.vocab_size),
             "dtype": info.dtype,
@@ -174,11 +183,15 @@ class KServeRoutes:
         options = schedule_options(self.plane, req.parameters)
         wanted = requested_outputs(info, req)
         results: dict[str, codecs.Tensor] = {}
-        if "LOGITS" in wanted or "LABEL" in wanted:
+        if any(name in wanted for name in _CLASSIFY_OUTPUTS):
             # One forward pass: the classification carries the pooled embeddings too.
             cls = await self.plane.classify(info, inputs, options, request.receive)
             results["LOGITS"] = codecs.Tensor("LOGITS", "FP32", np.asarray(cls.logits, np.float32))
             results["LABEL"] = codecs.bytes_tensor("LABEL", cls.labels)
+            if cls.exit_layers is not None:
+                results["EXIT_LAYER"] = codecs.Tensor(
+                    "EXIT_LAYER", "INT32", np.asarray(cls.exit_layers, np.int32)
+                )
             if "EMBEDDING" in wanted:
                 if cls.embeddings is None:
                     raise RuntimeError("the engine's ClassifyResult has no embeddings")
@@ -342,6 +355,8 @@ def requested_outputs(info: ModelInfo, req: codecs.InferRequest) -> dict[str, bo
 
 
 def schedule_options(plane: DataPlane, params: dict[str, Any]) -> InferenceOptions:
-    """``priority`` and ``timeout`` (µs) of the schedule policy extension as engine options."""
+    """``priority`` and ``timeout`` (µs) of the schedule policy extension, and ``early_exit`` (a bool,
+    default true), as engine options."""
     priority = schedule_value("priority", params.get("priority", 0))
-    return plane.options(priority=priority, timeout_us=schedule_value("timeout", params.get("timeout", 0)))
+    timeout = schedule_value("timeout", params.get("timeout", 0))
+    return plane.options(priority=priority, timeout_us=timeout, early_exit=params.get("early_exit", True))
