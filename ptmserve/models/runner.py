@@ -1,8 +1,8 @@
 """The one group-by-group runner: a model runs a batch as a list of stages, one per load group.
 
 Plain forwards call ``run_stages`` without a hook. Pipelined loading passes a hook that waits for the
-group's weights just before it computes; early exits (later) pass one that takes finished rows out of
-the batch. No model repeats this loop.
+group's weights just before it computes. An encoder's early exits (``exits.py``) are stages of their own
+that take finished rows out of ``Activations.batch``. No model repeats this loop.
 """
 
 from __future__ import annotations

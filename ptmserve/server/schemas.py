@@ -42,17 +42,18 @@ INFER_REQUEST_SCHEMA: dict[str, Any] = {
                     "priority": {"type": "integer", "minimum": 0},
                     "timeout": {"type": "integer", "minimum": 0},
                     "binary_data_output": {"type": "boolean"},
+                    "early_exit": {"type": "boolean"},
                 },
             },
             "inputs": {"type": "array", "items": _TENSOR, "maxItems": 3},
             "outputs": {
                 "type": "array",
-                "maxItems": 3,
+                "maxItems": 4,
                 "items": {
                     "type": "object",
                     "required": ["name"],
                     "properties": {
-                        "name": {"type": "string", "enum": ["EMBEDDING", "LOGITS", "LABEL"]},
+                        "name": {"type": "string", "enum": ["EMBEDDING", "LOGITS", "LABEL", "EXIT_LAYER"]},
                         "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
                     },
                 },
