@@ -380,13 +380,40 @@ class Engine:
             size += len(x)
         return size <= _INLINE_UNITS and self.catalog.has_tokenizer(model)
 
-    def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
+    def _ready_entry(self, model: str) -> CatalogEntry:
+        """The catalog entry of ``model`` if it can take requests now.
+
+        Raises:
+            NotReady (shutting down, or the model is not READY), ModelNotFound, CorruptData, InvalidInput
+            (a malformed name).
+        """
         if not self._accepting:
             raise NotReady("the server is shutting down")
         state, reason = self._state(model)  # also rejects a malformed name
-        entry = self.catalog.entry(model)  # raises ModelNotFound, CorruptData
+        entry = self.catalog.entry(model)
         if state is not ModelState.READY:
             raise NotReady(f"model {model!r} is not ready: {reason}")
+        return entry
+
+    def _request(
+        self, model: str, options: InferenceOptions, tokens: int, payload: object, **fields: Any
+    ) -> Request:
+        """A request for ``model`` arriving now, with the class and deadline ``options`` ask for."""
+        cls = request_class(options.priority, self._defaults.default_class)
+        now = self._scheduler.clock()
+        return Request(
+            id=next(self._ids),
+            model=model,
+            cls=cls,
+            arrival=now,
+            deadline=deadline_from(options.timeout_us, cls, now, self._defaults),
+            tokens=tokens,
+            payload=payload,
+            **fields,
+        )
+
+    def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
+        entry = self._ready_entry(model)
         if entry.generates:
             raise InvalidInput(
                 f"model {model!r} is a text generation model: it has no embeddings or labels; "
@@ -395,19 +422,10 @@ class Engine:
         if classify and not entry.config.labels:
             raise InvalidInput(f"model {model!r} has no classification head; use embeddings")
         token_ids = self.catalog.tokenize(model, inputs)
-        cls = request_class(options.priority, self._defaults.default_class)
-        now = self._scheduler.clock()
         lengths = tuple(len(x) for x in token_ids)
         work = Work(token_ids, classify, early_exit=options.early_exit)
-        request = Request(
-            id=next(self._ids),
-            model=model,
-            cls=cls,
-            arrival=now,
-            deadline=deadline_from(options.timeout_us, cls, now, self._defaults),
-            tokens=sum(lengths),
-            payload=work,
-            inputs=lengths if len(lengths) > 1 else (),
+        request = self._request(
+            model, options, sum(lengths), work, inputs=lengths if len(lengths) > 1 else ()
         )
         self._worker.admit(request)  # raises Overloaded / DeadlineExceeded at once
         return work.future
@@ -489,12 +507,7 @@ class Engine:
 
     def _generator(self, model: str) -> CatalogEntry:
         """The catalog entry of ``model`` if it is a text generation model that can serve now."""
-        if not self._accepting:
-            raise NotReady("the server is shutting down")
-        state, reason = self._state(model)
-        entry = self.catalog.entry(model)
-        if state is not ModelState.READY:
-            raise NotReady(f"model {model!r} is not ready: {reason}")
+        entry = self._ready_entry(model)
         if not entry.generates:
             raise InvalidInput(f"model {model!r} does not generate text; use embeddings or infer")
         return entry
@@ -521,19 +534,9 @@ class Engine:
         max_new = min(params.max_tokens or context, context - len(ids), capacity - len(ids))
         sampling = _sampling(params, entry.manifest.generation.get("sampling") or {})
         end_ids = frozenset() if params.ignore_eos else _end_ids(entry.manifest.generation)
-        cls = request_class(options.priority, self._defaults.default_class)
-        now = self._scheduler.clock()
         handle = Generation(len(ids))
-        request = Request(
-            id=next(self._ids),
-            model=model,
-            cls=cls,
-            arrival=now,
-            deadline=deadline_from(options.timeout_us, cls, now, self._defaults),
-            tokens=len(ids),
-            payload=GenerationWork(ids, params, sampling, max_new, end_ids, handle),
-            generates=True,
-        )
+        work = GenerationWork(ids, params, sampling, max_new, end_ids, handle)
+        request = self._request(model, options, len(ids), work, generates=True)
         self._worker.admit(request)  # raises Overloaded / DeadlineExceeded at once
         return handle
 
