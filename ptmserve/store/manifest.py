@@ -159,6 +159,8 @@ class ModelManifest:
     architecture: str = ""  # the registry name of its family (``models.registry``)
     # generation settings of a decoder (chat template, special tokens ...); empty for encoders
     generation: dict[str, Any] = field(default_factory=dict)
+    # how the model was calibrated (early exit: thresholds, matrices, validation metrics); empty for most
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def group_names(self) -> list[str]:
         """The layer groups in execution order (``embeddings``, ``layers.0`` ... , ``head``)."""
@@ -197,7 +199,7 @@ class ModelManifest:
 def manifest_to_json(m: ModelManifest | ManifestDoc) -> dict[str, Any]:
     """The JSON document stored for ``m`` (tokenizer bytes are stored separately, by reference)."""
     t = m.tokenizer
-    return {
+    doc: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "name": m.name,
         "architecture": m.architecture,
@@ -226,6 +228,9 @@ def manifest_to_json(m: ModelManifest | ManifestDoc) -> dict[str, Any]:
             for g, entries in m.groups.items()
         ],
     }
+    if m.calibration:  # absent for models without one: their files stay as they were
+        doc["calibration"] = m.calibration
+    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +246,7 @@ class ManifestDoc:
     max_length: int | None = None
     architecture: str = ""
     generation: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tensors(self) -> tuple[TensorEntry, ...]:
@@ -258,6 +264,7 @@ class ManifestDoc:
             self.max_length,
             self.architecture,
             self.generation,
+            self.calibration,
         )
 
 
@@ -295,6 +302,9 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
         generation = doc.get("generation") or {}
         if not isinstance(generation, dict):
             raise ValueError(f"bad generation settings {generation!r}")
+        calibration = doc.get("calibration") or {}  # manifests from before calibration have none
+        if not isinstance(calibration, dict):
+            raise ValueError(f"bad calibration {type(calibration).__name__}")
         return ManifestDoc(
             name,
             doc["config"],
@@ -305,6 +315,7 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
             max_length,
             architecture,
             dict(generation),
+            dict(calibration),
         )
     except (KeyError, TypeError, ValueError, errors.InvalidInput) as exc:
         raise errors.CorruptData(f"the manifest {where} is malformed: {exc}") from None

@@ -227,6 +227,7 @@ class Repository:
         architecture: str = "",
         group_order: Sequence[str] = (),
         generation: Mapping[str, Any] | None = None,
+        calibration: Mapping[str, Any] | None = None,
     ) -> ModelManifest:
         """Store a model atomically, replacing any model of the same name.
 
@@ -244,6 +245,8 @@ class Repository:
             max_length: truncation length in tokens, special tokens included (None: the config's).
             group_order: the load groups in execution order (the family's); others sort by name.
             generation: a decoder's generation settings (chat template, special tokens), JSON-serialisable.
+            calibration: how the model was calibrated (early exit: thresholds, matrices, validation
+                metrics), strict JSON (no NaN or inf); stored only when non-empty.
             progress: called as ``progress(new_bytes_written, new_bytes_total)`` per new segment.
 
         Returns:
@@ -271,6 +274,7 @@ class Repository:
                 architecture=architecture,
                 group_order=group_order,
                 generation=generation,
+                calibration=calibration,
             )
         return self.manifest(name)
 

@@ -132,21 +132,22 @@ def write_model(
     architecture: str = "",
     group_order: Sequence[str] = (),
     generation: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> ManifestDoc:
     """Store a model's new bytes and publish its manifest (the caller holds the repository lock).
 
     Args:
         paths: the repository's folders.
         existing: manifests of the stored models, whose tensors may be reused.
-        name, config, pooling, tokenizer_json, dtype, tensors, max_length: see
-            ``Repository.add_model``.
+        name, config, pooling, tokenizer_json, dtype, tensors, max_length, generation, calibration:
+            see ``Repository.add_model``.
         progress: optional callback after each new segment.
 
     Returns:
         The published manifest (without tokenizer bytes).
 
     Raises:
-        errors.InvalidInput: bad dtype, tensor, or a config/pooling that is not JSON.
+        errors.InvalidInput: bad dtype, tensor, or a config/pooling/calibration that is not JSON.
         OSError: the disk failed; nothing is published in that case.
     """
     if dtype not in MODEL_DTYPES:
@@ -160,6 +161,12 @@ def write_model(
     except (TypeError, ValueError) as exc:
         raise errors.InvalidInput(
             f"config, pooling and generation must be JSON-serialisable: {exc}"
+        ) from None
+    try:  # strict JSON: NaN and infinities would not read back elsewhere
+        json.dumps(dict(calibration or {}), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidInput(
+            f"calibration must be JSON-serialisable without NaN or inf: {exc}"
         ) from None
 
     placed, builders = _plan(_prepare(tensors, group_order), _Reuse(paths.segments, existing))
@@ -199,6 +206,7 @@ def write_model(
         max_length,
         architecture or config.get("family", ""),
         dict(generation or {}),
+        dict(calibration or {}),
     )
     body = json.dumps(manifest_to_json(doc), indent=1).encode()
     tmp = fsio.write_temp(paths.tmp, [body], suffix=".json.tmp")
