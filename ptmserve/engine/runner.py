@@ -5,7 +5,8 @@ the demand load, prefetches), packs the step's inputs without padding, runs them
 group by group, and gives back one block of rows per request (for a text generation model, each
 sequence's new token and text: ``generation.py``). It never touches the scheduler or a
 request's future, so the loop, the simulator and tests can drive it alike (nano-vllm's ``ModelRunner``,
-TEI's backends).
+TEI's backends). A request whose inputs all left at early exits while the step goes on is handed to
+``early_answer`` at once (the step loop answers it), and is in the step's output as well.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from ptmserve.models.exits import EarlyExit, exits_of
 from ptmserve.models.packed import pack
 
 logger = logging.getLogger(__name__)
+
+# ``early_answer(request, embeddings (n, H), logits (n, C), exit_layers (n,))``: the request's rows of
+# this step all left at early exits, and the step computed its last inputs.
+EarlyAnswer = Callable[[Request, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +105,7 @@ class ModelRunner:
         self._device = device
         self.generation = generation
         self._servable = servable
+        self.early_answer: EarlyAnswer | None = None  # the step loop sets it
 
     def execute(self, step: Step) -> RunnerOutput:
         """Run ``step``: evictions, then its batch (loading the model if needed), with its prefetches
@@ -135,7 +141,8 @@ class ModelRunner:
         classify = any(work.classify for work, _ in rows)
         early_exit = None
         if classify and exits_of(entry.config):  # only rows of classifications that allow it may leave
-            early_exit = EarlyExit([w.classify and w.early_exit for w, n in rows for _ in range(n)])
+            allowed = [w.classify and w.early_exit for w, n in rows for _ in range(n)]
+            early_exit = EarlyExit(allowed, on_leave=self._early_answers(step, rows))
         packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
         t0 = time.perf_counter()
         with self._weights.acquire(model) as loaded:
@@ -157,6 +164,12 @@ class ModelRunner:
                 out.exit_layers[r.id] = exit_layers[start : start + n]
             start += n
         return out
+
+    def _early_answers(self, step: Step, rows: list[tuple[Work, int]]) -> _EarlyAnswers | None:
+        if self.early_answer is None:
+            return None
+        last = [step.spans.get(r.id, (0, r.total_inputs))[1] >= r.total_inputs for r in step.batch]
+        return _EarlyAnswers(step.batch, [n for _, n in rows], last, self.early_answer)
 
     def _run_generation(self, step: Step, model: str) -> RunnerOutput:
         tokenizer = self._catalog.tokenizer(model)
@@ -180,3 +193,47 @@ class ModelRunner:
                 self._weights.prefetch(m)
             except PtmError as exc:
                 logger.warning("prefetch of %s skipped: %s", m, exc.message)
+
+
+class _EarlyAnswers:
+    """An ``EarlyExit.on_leave`` hook: collects each request's rows as they leave, and hands a request
+    to ``answer`` once all its rows of the step have left (when the step computes its last inputs)."""
+
+    def __init__(
+        self, batch: list[Request], counts: list[int], last: list[bool], answer: EarlyAnswer
+    ) -> None:
+        self._batch = batch
+        self._answer = answer
+        self._owner: list[int] = [i for i, n in enumerate(counts) for _ in range(n)]  # row -> request index
+        self._first = np.cumsum([0, *counts[:-1]]).tolist()  # request index -> its first row
+        self._waiting = [n if final else -1 for n, final in zip(counts, last, strict=True)]  # -1: never
+        self._parts: dict[int, list[tuple[list[int], int, torch.Tensor, torch.Tensor]]] = {}
+
+    def __call__(
+        self, rows: torch.Tensor, layer: int, logits: torch.Tensor, embeddings: torch.Tensor
+    ) -> None:
+        mine: dict[int, list[int]] = {}
+        for k, row in enumerate(rows.tolist()):
+            mine.setdefault(self._owner[row], []).append(k)
+        for i, ks in mine.items():
+            if self._waiting[i] < 0:
+                continue
+            index = torch.tensor(ks, device=logits.device)
+            local = [rows[k].item() - self._first[i] for k in ks]
+            part = (local, layer, logits.index_select(0, index), embeddings.index_select(0, index))
+            self._parts.setdefault(i, []).append(part)
+            self._waiting[i] -= len(ks)
+            if self._waiting[i] == 0:
+                self._answer(self._batch[i], *self._assemble(self._parts.pop(i)))
+
+    @staticmethod
+    def _assemble(parts: list[tuple[list[int], int, torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, ...]:
+        """The request's embeddings, logits and exit layers, in its own row order."""
+        n = sum(len(local) for local, *_ in parts)
+        order = torch.tensor([row for local, *_ in parts for row in local])
+        place = torch.empty(n, dtype=torch.long)
+        place[order] = torch.arange(n)
+        embeddings = torch.cat([e for *_, e in parts]).index_select(0, place.to(parts[0][3].device))
+        logits = torch.cat([x for _, _, x, _ in parts]).index_select(0, place.to(parts[0][2].device))
+        layers = np.array([layer for local, layer, *_ in parts for _ in local], dtype=np.int32)[place.numpy()]
+        return embeddings.float().cpu().numpy(), logits.float().cpu().numpy(), layers

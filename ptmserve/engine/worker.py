@@ -106,6 +106,7 @@ class Worker:
         self._closed = False
         self.failure: str | None = None  # why the loop stopped for good, if it did
         weights.add_listener(self._on_memory_event)
+        runner.early_answer = self._answer_early
         self._thread = threading.Thread(target=self._run_forever, name="ptmserve-worker", daemon=True)
         self._timer = threading.Thread(target=self._watch_deadlines, name="ptmserve-deadlines", daemon=True)
         self._thread.start()
@@ -313,19 +314,32 @@ class Worker:
         self._metrics.kv_preemptions.inc(generation.preemptions - self._preemptions_seen)
         self._preemptions_seen = generation.preemptions
 
-    def _deliver(self, req: Request) -> None:
+    def _answer_early(
+        self, req: Request, embeddings: np.ndarray, logits: np.ndarray, exit_layers: np.ndarray
+    ) -> None:
+        """Called by the runner in the middle of a step: every input of ``req`` left at early exits, so
+        it is answered now, not when the step ends (its later delivery then finds it answered)."""
+        if not req.status.is_finished:
+            self._deliver(req, last=(embeddings, logits, exit_layers))
+
+    def _deliver(self, req: Request, last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Answer ``req`` from its computed parts (and ``last``, its final part's embeddings, logits and
+        exit layers, when the step that computes it is still running)."""
         work = work_of(req)
         if self._scheduler.clock() > req.deadline:
             late = DeadlineExceeded(f"request for {req.model!r} finished after its deadline")
             self._end(req, late, Outcome.TIMEOUT)
             return
-        embeddings = np.concatenate(work.embeddings)
+        parts = [work.embeddings, work.logits, work.exit_layers]
+        if last is not None:
+            parts = [[*done, part] for done, part in zip(parts, last, strict=True)]
+        embeddings = np.concatenate(parts[0])
         prompt_tokens = sum(len(x) for x in work.token_ids)
         if work.classify:
-            logits = np.concatenate(work.logits)
+            logits = np.concatenate(parts[1])
             labels = self._catalog.entry(req.model).config.labels
             names = [labels[i] for i in logits.argmax(axis=1)]
-            exits = np.concatenate(work.exit_layers) if work.exit_layers else None
+            exits = np.concatenate(parts[2]) if parts[2] else None
             result: object = ClassifyResult(logits, names, prompt_tokens, embeddings, exits)
         else:
             result = EmbedResult(embeddings, prompt_tokens)

@@ -227,7 +227,7 @@ class Encoder(nn.Module):
     # -- classification through early exits -----------------------------------------------------------
 
     def _exit_stages(self, pooling: Pooling, early_exit: EarlyExit) -> list[Stage]:
-        run = ExitRun(early_exit.allowed)
+        run = ExitRun(early_exit.allowed, early_exit.on_leave)
         specs = {e.layer: e for e in self.config.exits}
         stages = [Stage(GROUP_EMBEDDINGS, partial(self._exit_embed_stage, run))]
         stages += [

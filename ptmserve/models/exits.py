@@ -13,7 +13,7 @@ head) reports ``num_layers - 1``. So a row computed ``exit_layer + 1`` layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 from ptmserve.errors import InvalidInput
 from ptmserve.models.config import ExitSpec
+
+LeaveHook = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], None]
+"""``on_leave(rows, layer, logits, embeddings)``: the original indices ``(k,)`` (host int64) of rows that
+just left at ``layer``, with their float32 ``logits (k, C)`` and ``embeddings (k, H)``."""
 
 
 @dataclass(slots=True)
@@ -34,6 +38,8 @@ class EarlyExit:
 
     allowed: Sequence[bool] | None = None  # (B,) rows that may leave early; None: every row may
     layers: torch.Tensor | None = None  # (B,) int32 on the host, set by the run: each row's exit layer
+    # called as rows leave at an exit before the end (not by the final classifier), while the run goes on
+    on_leave: LeaveHook | None = None
 
 
 def exits_of(config: Any) -> tuple[ExitSpec, ...]:
@@ -72,9 +78,11 @@ class ExitRun:
 
     Args:
         allowed: ``(B,)`` which rows may leave early (None: all); the final classifier takes the others.
+        on_leave: told about rows as they leave early (``EarlyExit.on_leave``).
     """
 
-    def __init__(self, allowed: Sequence[bool] | None = None) -> None:
+    def __init__(self, allowed: Sequence[bool] | None = None, on_leave: LeaveHook | None = None) -> None:
+        self._on_leave = on_leave
         self.num_rows = 0
         self.running = torch.arange(0)  # (n,) original index of each running row, host int64
         self._allowed = None if allowed is None else torch.tensor(list(allowed), dtype=torch.bool)
@@ -130,8 +138,12 @@ class ExitRun:
 
     def _record(self, positions: torch.Tensor, layer: int, logits: torch.Tensor, emb: torch.Tensor) -> None:
         index = positions.to(logits.device)
-        rows = self.running[positions]
-        self._left.append(_Left(rows, layer, logits.index_select(0, index), emb.index_select(0, index)))
+        left = _Left(
+            self.running[positions], layer, logits.index_select(0, index), emb.index_select(0, index)
+        )
+        self._left.append(left)
+        if self._on_leave is not None:
+            self._on_leave(left.rows, layer, left.logits, left.embeddings)
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``logits (B, C)`` float32, ``embeddings (B, H)`` float32 and exit layers ``(B,)`` int32 (on the
