@@ -310,8 +310,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: P
         cu = batch.cu_seqlens
         return varlen_attn(q, k, v, cu, cu, batch.max_seqlen, batch.max_seqlen).reshape(t, nh * d)
     if batch.num_seqs == 1:
-        qs, ks, vs = (x.transpose(0, 1) for x in (q, k, v))  # (nh, T, d)
-        return F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1).reshape(t, nh * d)
+        qs, ks, vs = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, nh, T, d): 4-D takes the fused
+        o = F.scaled_dot_product_attention(qs, ks, vs)[0]  # kernel; 3-D inputs fall back to a slower path
+        return o.transpose(0, 1).reshape(t, nh * d)
     plan = batch.attention_plan()
     qp, kp, vp = (x.index_select(0, plan.gather) for x in (q, k, v))  # (S, nh, d) padded slots
     outs = []
