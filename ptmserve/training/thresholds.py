@@ -22,6 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from ptmserve.models import exits
+from ptmserve.models.config import CONFIDENCES
 
 NEVER = math.inf
 LEVELS = 50  # quantile levels per exit (plus "never")
@@ -32,16 +36,11 @@ _EPS = 1e-12
 
 def confidence(logits: np.ndarray, kind: str) -> np.ndarray:
     """``(N,)`` each row's confidence: the top softmax probability (``max_prob``) or the softmax
-    entropy in nats (``entropy``), computed in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    if kind == "max_prob":
-        return p.max(axis=1)
-    if kind == "entropy":
-        return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
-    raise ValueError(f"unknown confidence {kind!r}; use 'max_prob' or 'entropy'")
+    entropy in nats (``entropy``), computed by the serving code itself (``models.exits.confidence``), so
+    that a threshold found here triggers on exactly the rows it triggers on when served."""
+    if kind not in CONFIDENCES:
+        raise ValueError(f"unknown confidence {kind!r}; use 'max_prob' or 'entropy'")
+    return exits.confidence(torch.from_numpy(np.asarray(logits, dtype=np.float32)), kind).numpy()
 
 
 def score(conf: np.ndarray, kind: str) -> np.ndarray:
