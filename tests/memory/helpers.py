@@ -17,15 +17,22 @@ from ptmserve.store.repository import Repository
 POOLING = Pooling(mode="mean", normalize=False)
 
 
-def tiny_config(*, hidden: int = 32, layers: int = 2, labels: tuple[str, ...] = ()) -> EncoderConfig:
+def tiny_config(
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    labels: tuple[str, ...] = (),
+    vocab_size: int = 50,
+    max_positions: int = 32,
+) -> EncoderConfig:
     return EncoderConfig(
         family="bert",
-        vocab_size=50,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_layers=layers,
         num_heads=4,
         intermediate_size=2 * hidden,
-        max_position_embeddings=32,
+        max_position_embeddings=max_positions,
         type_vocab_size=2,
         layer_norm_eps=1e-12,
         pad_token_id=0,

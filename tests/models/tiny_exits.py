@@ -24,6 +24,7 @@ from ptmserve.models.config import EncoderConfig, ExitSpec, Pooling
 from ptmserve.models.encoder import Encoder, group_names_for
 from ptmserve.models.packed import pack
 from ptmserve.store.repository import Repository
+from tests.memory.helpers import tiny_config as memory_tiny_config
 from tests.models.tiny import tiny_tokenizer, tiny_vocab_size
 
 LABELS = ("red", "green", "blue")
@@ -33,18 +34,8 @@ Head = tuple[torch.Tensor, torch.Tensor]  # an exit's weight (C, H) and bias (C,
 
 def tiny_config(*, layers: int = 4, labels: tuple[str, ...] = LABELS, hidden: int = 32) -> EncoderConfig:
     """A tiny BERT classifier (native head) over ``tiny_tokenizer("bert")``'s vocabulary."""
-    return EncoderConfig(
-        family="bert",
-        vocab_size=tiny_vocab_size("bert"),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        layer_norm_eps=1e-12,
-        pad_token_id=0,
-        labels=labels,
+    return memory_tiny_config(
+        hidden=hidden, layers=layers, labels=labels, vocab_size=tiny_vocab_size("bert"), max_positions=64
     )
 
 
