@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ptmserve.engine.api import ModelInfo, ModelKind, ModelState
@@ -37,8 +37,9 @@ class CatalogEntry:
     manifest: ModelManifest
     config: ModelConfig
     max_tokens: int  # the truncation length
-    device_bytes: int  # its weights on the device, in the compute dtype
+    device_bytes: int  # its weights on the device as placed, in the compute dtype, each tensor once
     generates: bool = False  # a text generation model (its family's ``generates``)
+    host_groups: frozenset[str] = frozenset()  # its load groups placed in the host tier
 
     @property
     def kind(self) -> ModelKind:
@@ -51,9 +52,16 @@ class ModelCatalog:
     """Per-model metadata read from the repository, kept in memory, and tokenizers built on first use."""
 
     def __init__(
-        self, repo: Repository, compute_dtype: str, *, truncate: bool = True, refresh_seconds: float = 0.5
+        self,
+        repo: Repository,
+        compute_dtype: str,
+        *,
+        truncate: bool = True,
+        refresh_seconds: float = 0.5,
+        placement: Callable[[ModelManifest], frozenset[str]] | None = None,
     ) -> None:
         self._repo = repo
+        self._placement = placement  # load groups of a model left in the host tier (None: none)
         self._compute_dtype = compute_dtype
         self._truncate = truncate
         self._refresh_seconds = refresh_seconds
@@ -93,17 +101,21 @@ class ModelCatalog:
 
     def _read(self, name: str) -> CatalogEntry:
         manifest = self._repo.manifest(name)  # cached by the repository until the file changes
-        with self._lock:
-            cached = self._entries.get(name)
-        if cached is not None and cached.manifest is manifest:
-            return cached
         try:
             family = registry.get(manifest.architecture)
             config = family.config_from_dict(manifest.config)
         except PtmError as exc:
             raise CorruptData(f"model {name!r}: its stored config cannot be used: {exc.message}") from None
+        placed = frozenset()
+        if self._placement is not None:  # as the weight manager places it (tied groups stay on the device)
+            placed = self._placement(manifest) - family.tied_groups(config)
+        with self._lock:
+            cached = self._entries.get(name)
+        if cached is not None and cached.manifest is manifest and cached.host_groups == placed:
+            return cached
         max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
-        return CatalogEntry(manifest, config, max_tokens, self._device_bytes(manifest), family.generates)
+        nbytes = self._device_bytes(manifest, placed)
+        return CatalogEntry(manifest, config, max_tokens, nbytes, family.generates, placed)
 
     def names(self) -> list[str]:
         """Every model in the repository, damaged ones included, sorted."""
@@ -144,17 +156,22 @@ class ModelCatalog:
             return self._damaged.get(name)
 
     def device_bytes(self, name: str) -> int:
-        """Bytes ``name``'s weights take on the device in the compute dtype (0 for a model not listed)."""
+        """Bytes ``name``'s weights take on the device as placed, in the compute dtype, each distinct tensor
+        once (0 for a model not listed)."""
         with self._lock:
             found = self._entries.get(name)
         return found.device_bytes if found is not None else 0
 
-    def _device_bytes(self, manifest: ModelManifest) -> int:
+    def _device_bytes(self, manifest: ModelManifest, host_groups: frozenset[str]) -> int:
+        """As the weight manager places them: a tensor is on the device when a device-placed group uses it."""
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self._compute_dtype]
-        total = 0
-        for t in manifest.tensors:
-            total += math.prod(t.shape) * itemsize if t.dtype in _FLOATING else t.nbytes
-        return total
+        placed = {
+            t.sha256: math.prod(t.shape) * itemsize if t.dtype in _FLOATING else t.nbytes
+            for group in manifest.group_names()
+            if group not in host_groups
+            for t in manifest.entries(group)
+        }
+        return sum(placed.values())
 
     def info(self, name: str, state: ModelState, reason: str = "") -> ModelInfo:
         """What clients see of ``name``; a damaged model is UNAVAILABLE with its error as the reason."""

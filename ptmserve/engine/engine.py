@@ -34,6 +34,7 @@ from ptmserve.engine.catalog import CatalogEntry, ModelCatalog
 from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.generation import GenerationRunner, GenerationWork
 from ptmserve.engine.metrics import EngineMetrics
+from ptmserve.engine.placement import Placement
 from ptmserve.engine.requests import (
     DEFAULT_BATCH_TIMEOUT_S,
     DEFAULT_REALTIME_TIMEOUT_S,
@@ -47,6 +48,7 @@ from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.worker import Worker
 from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
+from ptmserve.memory.placement import PLACEMENTS
 from ptmserve.memory.sizes import parse_size
 from ptmserve.models.chat import render_chat
 from ptmserve.models.exits import exits_of
@@ -86,6 +88,10 @@ class EngineSettings:
     batch_timeout_s: float = DEFAULT_BATCH_TIMEOUT_S  # a batch request sent without a timeout
     verify: bool = True  # check tensors against their checksum when read from disk
     zero_copy: bool = False  # CPU only: compute straight from the host tier (no separate device copy)
+    placement: str = "device"  # auto | device | host-embeddings: load groups left in the host tier
+    # a folder on a tmpfs (such as /dev/shm/ptmserve-1234) holding the host tier, so that several engine
+    # processes map the same weight bytes; None: the host tier is this process's own memory
+    shared_memory: str | None = None
 
     def __post_init__(self) -> None:
         if self.model_control not in ("auto", "explicit"):
@@ -96,6 +102,8 @@ class EngineSettings:
         parse_size(self.host_memory)
         parse_size(self.device_memory)
         parse_size(self.kv_cache_memory)
+        if self.placement not in PLACEMENTS:
+            raise InvalidConfig(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.kv_block_size < 1:
             raise InvalidConfig(f"kv_block_size must be >= 1, got {self.kv_block_size}")
 
@@ -114,7 +122,10 @@ class Engine:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.metrics = EngineMetrics()
-        self.catalog = ModelCatalog(repo, dtype_name(self.dtype), truncate=settings.truncate)
+        self.placement = Placement(repo, settings.placement, self.device, self.dtype)
+        self.catalog = ModelCatalog(
+            repo, dtype_name(self.dtype), truncate=settings.truncate, placement=self.placement
+        )
         self._defaults = ClassDefaults(
             realtime_timeout_s=settings.realtime_timeout_s, batch_timeout_s=settings.batch_timeout_s
         )
@@ -142,6 +153,8 @@ class Engine:
             pipelined=settings.pipelined,
             verify=settings.verify,
             zero_copy=settings.zero_copy,
+            placement=self.placement,
+            shared_memory=settings.shared_memory,
         )
         self.generation = GenerationRunner(
             parse_size(settings.kv_cache_memory),
@@ -550,6 +563,7 @@ class Engine:
         if not self._worker.stop(drain_seconds):
             logger.warning("requests still running after %.1f s of draining", drain_seconds)
         self._preparers.shutdown(wait=False, cancel_futures=True)
+        self.placement.close()
         self.weights.close()
 
     def __enter__(self) -> Engine:

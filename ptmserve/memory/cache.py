@@ -20,6 +20,7 @@ import torch
 
 from ptmserve.memory.copy import Fence
 from ptmserve.memory.records import TierUsage
+from ptmserve.memory.shared import SharedBuffer, SharedFiles
 
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 BufferKey = tuple[tuple[int, ...], torch.dtype]
@@ -51,6 +52,7 @@ class Entry:
     ready: Fence
     users: set[str] = field(default_factory=set)
     param: torch.nn.Parameter | None = None  # the device tier binds skeletons to this; made once
+    shared: SharedBuffer | None = None  # its file, when the tier is in shared memory
 
     @property
     def nbytes(self) -> int:
@@ -68,12 +70,19 @@ class TensorCache:
 
     Accounted bytes = bytes of live entries + bytes waiting on the free list; they never exceed
     ``budget`` (``claim`` refuses rather than overshoot).
+
+    With ``shared`` (the host tier of ``serve --workers``, ``shared.py``) every buffer is a file that
+    other processes may map: an entry another process already filled is ready at once, and a freed
+    entry's buffer is unmapped rather than free-listed (its file is named by the content it held).
     """
 
-    def __init__(self, name: str, budget: int, allocate: Allocator) -> None:
+    def __init__(
+        self, name: str, budget: int, allocate: Allocator, shared: SharedFiles | None = None
+    ) -> None:
         self.name = name
         self.budget = budget
         self._allocate = allocate
+        self.shared = shared
         self._entries: dict[Hashable, Entry] = {}
         self._by_model: dict[str, dict[Hashable, Entry]] = {}
         self._free: dict[BufferKey, list[torch.Tensor]] = {}
@@ -142,7 +151,8 @@ class TensorCache:
 
         Returns ``(entries by key, created)``; created entries have an unset ``ready`` fence and a
         buffer (reused from the free list where possible) that the caller must fill and then set or
-        fail. Raises ``MemoryError`` if the specs do not fit; call ``shortfall`` first.
+        fail; an entry of shared memory that another process filled is not "created": it is ready.
+        Raises ``MemoryError`` if the specs do not fit; call ``shortfall`` first.
         """
         specs = list(specs)
         if self.shortfall(specs):
@@ -167,11 +177,25 @@ class TensorCache:
                 self._make_room(spec.nbytes)
                 self.allocations += 1
                 self.allocated_bytes += spec.nbytes
-                entry = self._add(spec, self._allocate(spec.shape, spec.dtype))
-                created.append(entry)
+                if self.shared is None:
+                    entry = self._add(spec, self._allocate(spec.shape, spec.dtype))
+                    created.append(entry)
+                else:
+                    buf, mapped, filled = self.shared.open(spec.key, spec.shape, spec.dtype)
+                    entry = self._add(spec, buf)
+                    entry.shared = mapped
+                    if filled:
+                        entry.ready.set()
+                    else:
+                        created.append(entry)
             entry.users.add(model)
             mine[spec.key] = entry
         return {spec.key: mine[spec.key] for spec in specs}, created
+
+    def publish(self, entry: Entry) -> None:
+        """``entry``'s bytes are filled and checked: with shared memory, other processes may map them."""
+        if self.shared is not None and entry.shared is not None:
+            self.shared.publish(entry.shared)
 
     def drop(self, entry: Entry) -> None:
         """Stop offering ``entry`` to new claims (its bytes turned out bad); its users keep their
@@ -213,10 +237,14 @@ class TensorCache:
             if self._entries.get(key) is entry:
                 del self._entries[key]
             self.live_bytes -= entry.nbytes
-            self.free_bytes += entry.nbytes
-            self._free.setdefault((entry.spec.shape, entry.spec.dtype), []).append(entry.tensor)
             entry.param = None
             freed += entry.nbytes
+            if self.shared is not None:
+                if entry.shared is not None:
+                    self.shared.release(entry.shared)
+                continue
+            self.free_bytes += entry.nbytes
+            self._free.setdefault((entry.spec.shape, entry.spec.dtype), []).append(entry.tensor)
         return freed
 
     def trim(self) -> int:

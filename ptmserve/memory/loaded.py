@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,8 @@ from ptmserve.models.exits import EarlyExit
 from ptmserve.models.packed import PackedBatch
 from ptmserve.models.paged import KVCache, StepBatch
 from ptmserve.models.registry import ModelConfig
-from ptmserve.models.runner import Activations, StagedModel, StageHook, run_stages
-from ptmserve.store.manifest import ModelManifest
+from ptmserve.models.runner import Activations, Stage, StagedModel, StageHook, run_stages
+from ptmserve.store.manifest import ModelManifest, torch_dtype
 
 if TYPE_CHECKING:
     from ptmserve.memory.manager import WeightManager
@@ -82,7 +83,7 @@ class LoadedModel:
             stages = self.module.stages(classify=classify, pooling=pooling)
         else:
             stages = self.module.stages(classify=classify, pooling=pooling, early_exit=early_exit)  # type: ignore[call-arg]
-        return run_stages(stages, Activations(batch), self._waiting(before))
+        return run_stages(self._placed(stages), Activations(batch), self._waiting(before))
 
     def step(self, batch: StepBatch, cache: KVCache, *, before: StageHook | None = None) -> torch.Tensor:
         """Run one decoding step of a text generation model: the new tokens of ``batch`` (prefills,
@@ -97,9 +98,26 @@ class LoadedModel:
         step_stages = getattr(self.module, "step_stages", None)
         if step_stages is None:
             raise errors.InvalidInput(f"model {self.name!r} is not a text generation model")
-        acts = run_stages(step_stages(batch, cache), Activations(batch), self._waiting(before))  # type: ignore[arg-type]
+        stages = self._placed(step_stages(batch, cache))
+        acts = run_stages(stages, Activations(batch), self._waiting(before))  # type: ignore[arg-type]
         assert acts.logits is not None
         return acts.logits
+
+    def _placed(self, stages: Sequence[Stage]) -> Sequence[Stage]:
+        """``stages`` with those of host-placed groups computed where their weights are: on the host, in
+        the stored dtype. On a CPU whose serve dtype is the stored one nothing moves: they compute from
+        the host tier in place."""
+        record = self._record
+        if not record.host_groups:
+            return stages
+        manager = self._manager
+        host = torch.device("cpu")
+        stored = torch_dtype(record.manifest.dtype)  # floating tensors are stored in the model's dtype
+        serve = manager.dtype or stored
+        if manager.device == host and stored == serve:
+            return stages  # the host copy is used in place: nothing moves
+        back = (manager.device, serve)
+        return [s.elsewhere(host, stored, back) if s.group in record.host_groups else s for s in stages]
 
     def _waiting(self, before: StageHook | None) -> StageHook:
         """A stage hook that waits for the group's weights (counting the wait), then calls ``before``."""

@@ -43,7 +43,10 @@ class ModelRecord:
     config: ModelConfig
     pooling: Pooling
     host_specs: dict[str, TensorSpec]  # tensor name -> spec in the host tier (stored dtype)
-    device_specs: dict[str, TensorSpec]  # tensor name -> spec in the device tier (serve dtype)
+    device_specs: dict[str, TensorSpec]  # tensor name -> spec in the device tier (serve dtype), device-placed
+    # load groups that compute from the host tier in place (``placement.py``); their tensors are not in
+    # ``device_specs`` unless a device-placed group uses them too
+    host_groups: frozenset[str] = frozenset()
     pins: int = 0  # acquired and not yet released: never evicted while > 0
     jobs: int = 0  # loads in flight that read or fill this model's entries
     device_job: LoadJob | None = None  # the load that made (or is making) the model device-resident
@@ -51,19 +54,33 @@ class ModelRecord:
     checked: bool = False  # tensor names and shapes checked against the skeleton
 
     @classmethod
-    def from_manifest(cls, manifest: ModelManifest, serve_dtype: torch.dtype | None) -> ModelRecord:
-        host: dict[str, TensorSpec] = {}
-        device: dict[str, TensorSpec] = {}
-        for e in manifest.tensors:
-            stored = torch_dtype(e.dtype)
-            held = serve_dtype if serve_dtype is not None and stored.is_floating_point else stored
-            host[e.name] = TensorSpec((e.sha256, stored, e.shape), e.shape, stored)
-            device[e.name] = TensorSpec((e.sha256, stored, e.shape, held), e.shape, held)
+    def from_manifest(
+        cls,
+        manifest: ModelManifest,
+        serve_dtype: torch.dtype | None,
+        host_groups: frozenset[str] = frozenset(),
+    ) -> ModelRecord:
+        """The record of ``manifest`` computing in ``serve_dtype`` (None: as stored), with ``host_groups``
+        left in the host tier. A tensor that a device-placed group uses is on the device even if a
+        host-placed group uses it too (a tied LM head keeps the embedding table on the device)."""
         try:
             family = registry.get(manifest.architecture)
             config = family.config_from_dict(manifest.config)
         except errors.InvalidCheckpoint as exc:
             raise errors.CorruptData(f"model {manifest.name!r}: its stored config: {exc.message}") from None
+        host_groups = frozenset(host_groups) - family.tied_groups(config)
+        host: dict[str, TensorSpec] = {}
+        device: dict[str, TensorSpec] = {}
+        on_device = {
+            e.sha256 for g in manifest.group_names() if g not in host_groups for e in manifest.entries(g)
+        }
+        for group in manifest.group_names():
+            for e in manifest.entries(group):
+                stored = torch_dtype(e.dtype)
+                held = serve_dtype if serve_dtype is not None and stored.is_floating_point else stored
+                host[e.name] = TensorSpec((e.sha256, stored, e.shape), e.shape, stored)
+                if group not in host_groups or e.sha256 in on_device:
+                    device[e.name] = TensorSpec((e.sha256, stored, e.shape, held), e.shape, held)
         return cls(
             name=manifest.name,
             manifest=manifest,
@@ -72,7 +89,12 @@ class ModelRecord:
             pooling=Pooling.from_dict(manifest.pooling),
             host_specs=host,
             device_specs=device,
+            host_groups=frozenset(host_groups) & set(manifest.group_names()),
         )
+
+    def in_place_specs(self) -> list[TensorSpec]:
+        """Host specs of the tensors that host-placed groups compute from in place (not on the device)."""
+        return self.unique({n: s for n, s in self.host_specs.items() if n not in self.device_specs})
 
     @staticmethod
     def unique(specs: dict[str, TensorSpec]) -> list[TensorSpec]:
@@ -213,7 +235,8 @@ def plan_load(
     Reads each host entry this job created once (in the first group that uses it), copies each device
     entry it created from its host source, and makes each group wait for all of its device entries,
     including those another job is still filling. Without ``device_entries`` it is a host-only load,
-    whose parameters and fences are the host entries' (what zero-copy serving binds to).
+    whose parameters and fences are the host entries' (what zero-copy serving binds to); a tensor left
+    on the host by placement (not in ``device_specs``) binds to its host entry the same way.
     """
     mine_host = {id(h) for h in host_created}
     mine_dev = {id(d) for d in device_created}
@@ -224,7 +247,8 @@ def plan_load(
         plan = GroupPlan(group)
         for e in model.manifest.entries(group):
             h = host_entries.get(model.host_specs[e.name].key)
-            d = None if device_entries is None else device_entries[model.device_specs[e.name].key]
+            dspec = model.device_specs.get(e.name)
+            d = None if device_entries is None or dspec is None else device_entries[dspec.key]
             target = d if d is not None else h
             assert target is not None, f"no entry claimed for {e.name}"
             params[e.name] = target.parameter()

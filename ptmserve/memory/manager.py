@@ -10,9 +10,10 @@ order the policy gives. A model that is acquired (work in flight) or loading is 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,9 +25,10 @@ from ptmserve.memory.loaded import LoadedModel
 from ptmserve.memory.loader import LoadJob, ModelRecord, plan_load
 from ptmserve.memory.policy import DEVICE, HOST, EvictionPolicy, LruPolicy
 from ptmserve.memory.records import EventQueue, Listener, MemoryEvent, Residency, TierStats
+from ptmserve.memory.shared import SharedFiles
 from ptmserve.memory.sizes import format_size, parse_size
 from ptmserve.memory.skeleton import Skeleton, SkeletonPool
-from ptmserve.store.manifest import torch_dtype
+from ptmserve.store.manifest import ModelManifest, torch_dtype
 from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class WeightManager:
         zero_copy: CPU only: compute straight from the host tier. The two tiers are then one (its
             budget is ``host_budget``; ``device_budget`` is ignored) and models must be stored in the
             serve dtype.
+        placement: ``placement(manifest)`` names the load groups of a model that compute from the host
+            tier in place (``placement.py``); None: every group on the device. Asked when a model's
+            record is made, and again whenever the model is off the device and idle.
+        shared_memory: a folder on a tmpfs that holds the host tier as files (``shared.py``), so that
+            several processes' managers map the same bytes; None: the host tier is private memory.
     """
 
     def __init__(
@@ -71,6 +78,8 @@ class WeightManager:
         listeners: Sequence[Listener] = (),
         loader_threads: int = 2,
         zero_copy: bool = False,
+        placement: Callable[[ModelManifest], frozenset[str]] | None = None,
+        shared_memory: str | os.PathLike[str] | None = None,
     ) -> None:
         self._repo = repo
         self.device = torch.device(device)
@@ -81,8 +90,13 @@ class WeightManager:
         self._wait_timeout = wait_timeout
         self._events = EventQueue(listeners)  # queued under the lock, delivered outside it
         pinned = self.device.type == "cuda"
+        self._placement = placement
+        self.shared = SharedFiles(shared_memory) if shared_memory is not None else None
         self._host = TensorCache(
-            HOST, parse_size(host_budget), lambda s, d: torch.empty(s, dtype=d, pin_memory=pinned)
+            HOST,
+            parse_size(host_budget),
+            lambda s, d: torch.empty(s, dtype=d, pin_memory=pinned),
+            shared=self.shared,  # on CUDA not pinned: copies from it take the slower path
         )
         self._dev = TensorCache(
             DEVICE, parse_size(device_budget), lambda s, d: torch.empty(s, dtype=d, device=self.device)
@@ -121,7 +135,7 @@ class WeightManager:
         skeleton = self._skeletons.checkout(record.family, record.config)
         try:
             if not record.checked:
-                skeleton.check(model, {n: s.shape for n, s in record.device_specs.items()})
+                skeleton.check(model, {n: s.shape for n, s in record.host_specs.items()})
                 record.checked = True
             with self._cond:
                 job = record.device_job or self._start_device_load(record, wait=True)
@@ -206,6 +220,14 @@ class WeightManager:
                 return 0
             return sum(s.nbytes for s in record.unique(record.device_specs) if self._dev.get(s.key) is None)
 
+    def placed_bytes(self, model: str) -> int:
+        """Device bytes of ``model`` as placed: its device-placed tensors in the serve dtype, each once."""
+        return sum(s.nbytes for s in self._record(model).unique(self._record(model).device_specs))
+
+    def host_groups(self, model: str) -> frozenset[str]:
+        """The load groups of ``model`` that compute from the host tier (its placement now)."""
+        return self._record(model).host_groups
+
     def check_budget(self, model: str) -> None:
         """Raise ``errors.BudgetExceeded`` if ``model`` can never fit a tier, even an empty one
         (for refusing it at startup or import rather than at its first request)."""
@@ -234,23 +256,30 @@ class WeightManager:
         self._executor.shutdown(wait=True)
         self._verifier.shutdown(wait=True)
         self._copier.close()
+        if self.shared is not None:
+            with self._lock:
+                self.shared.close()
 
     # -------------------------------------------------------------------------------- internals
 
     def _record(self, model: str) -> ModelRecord:
         manifest = self._repo.manifest(model)  # cached by the repository; re-read when re-imported
+        placed = frozenset() if self._placement is None or self.zero_copy else self._placement(manifest)
         with self._cond:
             if self._closed:
                 raise errors.NotReady("the weight manager is closed")
             record = self._models.get(model)
-            if record is not None and record.manifest is not manifest and not (record.pins or record.jobs):
+            idle = record is not None and not (record.pins or record.jobs)
+            if record is not None and record.manifest is not manifest and idle:
                 if record.device_job is not None:  # re-imported: its old weights are stale
                     self._evict(record, DEVICE)
                 if self._host.entries_of(model):
                     self._evict(record, HOST)
                 record = None
+            elif record is not None and record.host_groups != placed and idle and record.device_job is None:
+                record = None  # placed anew (a profile arrived); its host bytes stay valid
             if record is None:
-                record = ModelRecord.from_manifest(manifest, None if self.zero_copy else self.dtype)
+                record = ModelRecord.from_manifest(manifest, None if self.zero_copy else self.dtype, placed)
                 self._models[model] = record
             return record
 
@@ -268,14 +297,18 @@ class WeightManager:
         name = record.name
         dspecs = record.unique(record.device_specs)
         self._check_fits(record, self._dev, sum(s.nbytes for s in dspecs))
-        hkey = {record.device_specs[n].key: s for n, s in record.host_specs.items()}
+        hkey = {d.key: record.host_specs[n] for n, d in record.device_specs.items()}
+        in_place = (
+            record.in_place_specs()
+        )  # host-placed groups compute from these for as long as it is loaded
         retained_host: list = []
         deadline = time.monotonic() + self._wait_timeout
         try:
             while True:
                 self._dev.retain(name, [s.key for s in dspecs])  # others' evictions cannot free these
                 missing = [s for s in dspecs if self._dev.get(s.key) is None]
-                hspecs = list({hkey[s.key].key: hkey[s.key] for s in missing}.values())
+                sources = [hkey[s.key] for s in missing] + in_place
+                hspecs = list({s.key: s for s in sources}.values())
                 self._check_fits(record, self._host, sum(s.nbytes for s in hspecs))
                 retained_host += self._host.retain(name, [s.key for s in hspecs])
                 if self._make_room(name, missing, hspecs, deadline, wait):
@@ -360,17 +393,27 @@ class WeightManager:
         return False
 
     def _victim(self, cache: TensorCache, exclude: str) -> str | None:
-        if cache is self._host:  # with zero-copy the device tier is this one: pinned models compute from it
+        if cache is self._host:  # pinned models computing in place (zero-copy, host-placed groups) stay
             held = [self._models[n] for n in cache.models() if n in self._models]
-            ready = [m for m in held if not m.jobs and not (self.zero_copy and m.pins)]
+            ready = [m for m in held if not m.jobs and not (m.pins and self._computes_from_host(m))]
         else:
             ready = [m for m in self._models.values() if m.device_ready() and not m.pins]
         candidates = [m.name for m in ready if m.name != exclude]
         victim = self._policy.victim(cache.name, candidates)
         return victim if victim in candidates else None
 
+    def _computes_from_host(self, record: ModelRecord) -> bool:
+        return self.zero_copy or len(record.device_specs) < len(record.host_specs)
+
     def _evict(self, record: ModelRecord, tier: str) -> None:
         cache = self._dev if tier == DEVICE else self._host
+        if (
+            tier == HOST
+            and record.device_job is not None
+            and not self.zero_copy
+            and self._computes_from_host(record)
+        ):
+            self._evict(record, DEVICE)  # its host-placed groups compute from the bytes about to go
         freed = cache.release(record.name)
         if tier == DEVICE or self.zero_copy:
             record.device_job = None
@@ -408,6 +451,8 @@ class WeightManager:
         else:
             seconds = time.perf_counter() - job.started
             with self._cond:
+                for entry in job.owned_host:
+                    self._host.publish(entry)  # checked: other processes may map it now
                 self._finish(record, job, tier)
                 if job.bytes_read:
                     self._events.append(MemoryEvent("load", record.name, HOST, job.bytes_read, seconds))

@@ -67,6 +67,9 @@ class Family:
     build: Callable[[Any], nn.Module]  # the module of a config; call it under ``torch.device("meta")``
     group_names: Callable[[Any], list[str]]  # load groups of a config, in execution order
     generates: bool = False  # a text generation model (its module runs ``step_stages``), not an encoder
+    # groups whose weights a later group reads too (a tied LM head reads the embedding table): placement
+    # never leaves them on the host, where the device group could not reach them
+    tied_groups: Callable[[Any], frozenset[str]] = lambda config: frozenset()
 
     def shape_key(self, config: ModelConfig) -> str:
         """Models whose configs give the same key share skeletons (label names do not matter)."""

@@ -26,12 +26,42 @@ class Activations:
     logits: torch.Tensor | None = None  # (B, C) float32, set by the head stage when asked for
 
 
+def move_activations(acts: Activations, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``acts`` to ``device`` and its token states to ``dtype``: what crosses between a stage that
+    computes from the host tier and one on the device (nothing is copied when both already match)."""
+    if acts.batch.input_ids.device != device:
+        acts.batch = acts.batch.to(device)  # type: ignore[assignment]
+    if acts.hidden is not None:
+        acts.hidden = acts.hidden.to(device, dtype)
+    for name in ("embeddings", "logits"):
+        value = getattr(acts, name)
+        if value is not None:
+            setattr(acts, name, value.to(device))
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """One step of a forward pass: ``run`` needs the weights of load group ``group``."""
 
     group: str  # a load group name; stages that need no weights name a group the model does not have
     run: Callable[[Activations], None]  # reads and updates the activations in place
+
+    def elsewhere(
+        self, device: torch.device, dtype: torch.dtype, back: tuple[torch.device, torch.dtype]
+    ) -> Stage:
+        """This stage computed on ``device`` in ``dtype`` (where its weights are), its activations moved
+        there before and back to ``back`` (device, dtype) after."""
+
+        def run(acts: Activations) -> None:
+            batch = acts.batch
+            move_activations(acts, device, dtype)
+            moved = acts.batch
+            self.run(acts)
+            if acts.batch is moved:
+                acts.batch = batch  # unchanged: keep the device batch and what it has cached
+            move_activations(acts, *back)
+
+        return Stage(self.group, run)
 
 
 # hook(group, activations) runs before each stage: the pipelining wait, or an early exit.

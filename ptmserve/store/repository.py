@@ -13,6 +13,8 @@ On-disk layout (``root`` defaults to ``./models``)::
                                   sha256 of its table of contents (offsets, lengths, tensor sha256s).
                                   A tokenizer blob is a segment named by the sha256 of its bytes.
       tmp/                        files being written; anything here is a leftover that gc() removes
+      profiles/<name>.json        optional: what each load group of the model costs where
+                                  (``ptmserve profile``; ``memory/placement.ModelProfile``)
 
 Identical tensors (same sha256) are stored once: an import writes only tensors not already stored,
 so fine-tunes that share a frozen backbone share its segments, and importing a checkpoint a second
@@ -26,6 +28,7 @@ import). Every tensor is checked against its sha256 when read (unless the caller
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -294,6 +297,8 @@ class Repository:
             fsio.fsync_dir(path.parent)
             with self._cache_lock:
                 self._cache.pop(name, None)
+            with contextlib.suppress(FileNotFoundError):
+                self._profile_path(name).unlink()
             if collect:
                 maintenance.collect_garbage(self._paths, self._live_segments()[0])
         logger.info("removed model %s", name)
@@ -306,6 +311,54 @@ class Repository:
         """
         with fsio.exclusive_lock(self._paths.lock):
             return maintenance.collect_garbage(self._paths, self._live_segments()[0])
+
+    # ---------------------------------------------------------------------------------- profiles
+
+    def profile(self, name: str) -> dict[str, Any] | None:
+        """The stored profile document of model ``name`` (``ModelProfile.from_dict`` reads it), or None.
+
+        Raises:
+            errors.InvalidInput: invalid name.
+            errors.CorruptData: the file is unreadable or not a JSON object (the message names the model).
+        """
+        path = self._profile_path(validate_name(name))
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise errors.CorruptData(f"the stored profile of model {name!r} is unreadable: {exc}") from None
+        if not isinstance(doc, dict):
+            raise errors.CorruptData(f"the stored profile of model {name!r} is not a JSON object")
+        return doc
+
+    def save_profile(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Store ``doc`` (strict JSON) as the profile of model ``name``, replacing any, atomically.
+
+        A profile is derived data, valid while the weights it was measured on are unchanged (it records
+        their id), so a re-import does not remove it. It is written without the repository lock, which
+        an import holds for as long as it runs: the serving process stores profiles lazily and must not
+        wait for that. Its temp file sits next to it, where ``gc()`` (which clears ``tmp/``) cannot
+        remove it halfway.
+
+        Raises:
+            errors.InvalidInput: invalid name, or ``doc`` is not strict JSON (NaN, inf, other types).
+            errors.ModelNotFound: no such model.
+            OSError: the disk failed (the previous profile is kept).
+        """
+        validate_name(name)
+        if not self._paths.manifest(name).exists():
+            raise errors.ModelNotFound(f"model {name!r} is not in the repository")
+        try:
+            body = json.dumps(doc, indent=1, allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidInput(f"the profile of model {name!r} is not strict JSON: {exc}") from None
+        path = self._profile_path(name)
+        path.parent.mkdir(exist_ok=True)
+        fsio.rename_durable(fsio.write_temp(path.parent, [body], suffix=".json.tmp"), path)
+
+    def _profile_path(self, name: str) -> Path:
+        return self._paths.root / "profiles" / f"{name}.json"
 
     # ------------------------------------------------------------------------------ maintenance
 

@@ -224,5 +224,6 @@ FAMILY = register(
         build=GPT2,
         group_names=decoder_group_names,
         generates=True,
+        tied_groups=lambda config: frozenset({"embeddings"}),  # the LM head reads the word embeddings
     )
 )

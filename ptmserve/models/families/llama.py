@@ -233,5 +233,8 @@ FAMILY = register(
         build=Llama,
         group_names=decoder_group_names,
         generates=True,
+        tied_groups=lambda config: (
+            frozenset({"embeddings"}) if config.tie_word_embeddings else frozenset()
+        ),  # the LM head reads the word embeddings
     )
 )

@@ -1,0 +1,119 @@
+"""The engine's placement: which load groups of each model stay in the host tier (``--placement``).
+
+``Placement(manifest)`` is what the weight manager and the catalog ask. Under ``auto`` it places by the
+model's stored profile (``memory/placement.py`` has the rule); a model without a usable profile is
+placed like ``host-embeddings`` meanwhile and profiled on a background thread, once, with the quick
+profile (a second or so for MiniLM on 2 cores). The profile is stored in the repository, so later
+servers start with it; the new placement applies from the model's next load.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import torch
+
+from ptmserve.engine.profiling import ensure_profile, manifest_weights_id, stored_profile
+from ptmserve.errors import PtmError
+from ptmserve.memory.placement import AUTO, DEVICE, ModelProfile, host_groups
+from ptmserve.store.manifest import ModelManifest, dtype_name
+from ptmserve.store.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+class Placement:
+    """Host-placed groups per model under one ``--placement`` mode; thread-safe.
+
+    Args:
+        profile_missing: under ``auto``, profile models without a profile on a background thread.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        mode: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        profile_missing: bool = True,
+    ) -> None:
+        self.mode = mode
+        self._repo = repo
+        self._device = device
+        self._dtype = dtype
+        self._profile_missing = profile_missing and mode == AUTO
+        self._lock = threading.Lock()
+        self._profiles: dict[str, tuple[ModelManifest, ModelProfile | None]] = {}
+        self._queued: set[str] = set()
+        self._todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.profiled: list[str] = []  # models this engine profiled, in order
+
+    def __call__(self, manifest: ModelManifest) -> frozenset[str]:
+        if self.mode == DEVICE:
+            return frozenset()
+        profile = self.profile(manifest) if self.mode == AUTO else None
+        return host_groups(self.mode, manifest.group_names(), profile)
+
+    def profile(self, manifest: ModelManifest) -> ModelProfile | None:
+        """The stored profile of ``manifest``'s weights on this device and dtype, or None (queued for
+        profiling under ``auto``)."""
+        with self._lock:
+            cached = self._profiles.get(manifest.name)
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        found = self._read(manifest)
+        with self._lock:
+            self._profiles[manifest.name] = (manifest, found)
+        if found is None:
+            self._enqueue(manifest.name)
+        return found
+
+    def close(self) -> None:
+        """Stop the background profiler after the model it is profiling, if any."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join(timeout=30)
+
+    def _read(self, manifest: ModelManifest) -> ModelProfile | None:
+        try:
+            found = stored_profile(self._repo, manifest.name)
+        except PtmError as exc:
+            logger.warning("model %s: ignoring its stored profile: %s", manifest.name, exc.message)
+            return None
+        wanted = (manifest_weights_id(manifest), self._device.type, dtype_name(self._dtype))
+        return found if found is not None and found.matches(*wanted) else None
+
+    def _enqueue(self, name: str) -> None:
+        if not self._profile_missing:
+            return
+        with self._lock:
+            if name in self._queued:
+                return
+            self._queued.add(name)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._profile_queued, name="ptmserve-profile", daemon=True
+                )
+                self._thread.start()
+        self._todo.put(name)
+
+    def _profile_queued(self) -> None:
+        while (name := self._todo.get()) is not None:
+            try:
+                manifest = self._repo.manifest(name)
+                profile = ensure_profile(self._repo, name, device=self._device, dtype=self._dtype)
+            except PtmError as exc:
+                logger.warning("could not profile model %s: %s", name, exc.message)
+                continue
+            except Exception:  # a bug must not end profiling for the other models
+                logger.exception("could not profile model %s", name)
+                continue
+            with self._lock:
+                self._profiles[name] = (manifest, profile)
+                self.profiled.append(name)
+            placed = sorted(host_groups(AUTO, manifest.group_names(), profile))
+            logger.info("profiled model %s: groups on the host: %s", name, ", ".join(placed) or "none")
