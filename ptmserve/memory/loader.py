@@ -47,6 +47,7 @@ class ModelRecord:
     # load groups that compute from the host tier in place (``placement.py``); their tensors are not in
     # ``device_specs`` unless a device-placed group uses them too
     host_groups: frozenset[str] = frozenset()
+    placement_asked: frozenset[str] = frozenset()  # what the placement asked for (before tied groups)
     pins: int = 0  # acquired and not yet released: never evicted while > 0
     jobs: int = 0  # loads in flight that read or fill this model's entries
     device_job: LoadJob | None = None  # the load that made (or is making) the model device-resident
@@ -68,7 +69,8 @@ class ModelRecord:
             config = family.config_from_dict(manifest.config)
         except errors.InvalidCheckpoint as exc:
             raise errors.CorruptData(f"model {manifest.name!r}: its stored config: {exc.message}") from None
-        host_groups = frozenset(host_groups) - family.tied_groups(config)
+        asked = frozenset(host_groups)
+        host_groups = asked - family.tied_groups(config)
         host: dict[str, TensorSpec] = {}
         device: dict[str, TensorSpec] = {}
         on_device = {
@@ -90,6 +92,7 @@ class ModelRecord:
             host_specs=host,
             device_specs=device,
             host_groups=frozenset(host_groups) & set(manifest.group_names()),
+            placement_asked=asked,
         )
 
     def in_place_specs(self) -> list[TensorSpec]:

@@ -276,7 +276,9 @@ class WeightManager:
                 if self._host.entries_of(model):
                     self._evict(record, HOST)
                 record = None
-            elif record is not None and record.host_groups != placed and idle and record.device_job is None:
+            elif (
+                record is not None and record.placement_asked != placed and idle and record.device_job is None
+            ):
                 record = None  # placed anew (a profile arrived); its host bytes stay valid
             if record is None:
                 record = ModelRecord.from_manifest(manifest, None if self.zero_copy else self.dtype, placed)
