@@ -75,7 +75,7 @@ class EngineSettings:
     dtype: str = "auto"  # auto: bfloat16 where the device has bf16 matrix units, else float32
     host_memory: int | str = "8GiB"  # byte budget of the host weight tier
     device_memory: int | str = "2GiB"  # byte budget of the device weight tier
-    policy: str = "fastptm"  # fastptm | fifo-lru | edf-lru
+    policy: str = "fastptm"  # fastptm | fifo-lru | edf-lru | fifo-naive
     model_control: str = "auto"  # auto: every model loads on demand; explicit: only loaded ones serve
     pipelined: bool = True  # a cold model computes layer i while layer i+1 loads
     truncate: bool = True  # inputs longer than the model's maximum are truncated (else refused)

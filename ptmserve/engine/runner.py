@@ -22,7 +22,7 @@ import torch
 
 from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.generation import GenerationRunner, GenerationUpdate, GenerationWork
-from ptmserve.engine.requests import Request
+from ptmserve.engine.requests import Request, RequestStatus
 from ptmserve.engine.scheduler import Step
 from ptmserve.errors import NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
@@ -77,6 +77,7 @@ class RunnerOutput:
     exit_layers: dict[int, np.ndarray] = field(default_factory=dict)
     generated: dict[int, GenerationUpdate] = field(default_factory=dict)  # request id -> its progress
     exec_seconds: float = 0.0  # time the model computed, not counting waits for its weights
+    tokens: int | None = None  # tokens computed (requests cancelled before the step are skipped); None: all
     wait_seconds: float = 0.0  # time compute waited for weights still loading (a demand load)
     error: PtmError | None = None  # the step failed; every request of it fails with this
 
@@ -131,9 +132,14 @@ class ModelRunner:
         entry = self._catalog.entry(model)
         if entry.generates:
             return self._run_generation(step, model)
+        # Requests cancelled since the step was scheduled are not computed (the cost model is told the
+        # tokens really computed); one cancelled while the step computes is simply not answered.
+        batch = [r for r in step.batch if r.status is not RequestStatus.CANCELLED]
+        if not batch:
+            return RunnerOutput(tokens=0)
         rows: list[tuple[Work, int]] = []  # (request's work, inputs in this step), in batch order
         inputs: list[list[int]] = []
-        for r in step.batch:
+        for r in batch:
             work = work_of(r)
             start, end = step.spans.get(r.id, (0, len(work.token_ids)))
             inputs.extend(work.token_ids[start:end])
@@ -142,7 +148,7 @@ class ModelRunner:
         early_exit = None
         if classify and exits_of(entry.config):  # only rows of classifications that allow it may leave
             allowed = [w.classify and w.early_exit for w, n in rows for _ in range(n)]
-            early_exit = EarlyExit(allowed, on_leave=self._early_answers(step, rows))
+            early_exit = EarlyExit(allowed, on_leave=self._early_answers(step, batch, rows))
         packed = pack(inputs, position_offset=entry.config.position_offset, device=self._device)
         t0 = time.perf_counter()
         with self._weights.acquire(model) as loaded:
@@ -154,9 +160,10 @@ class ModelRunner:
             waited = loaded.waited_seconds
         total = time.perf_counter() - t0
         exit_layers = early_exit.layers.numpy() if early_exit and early_exit.layers is not None else None
-        out = RunnerOutput(exec_seconds=max(0.0, total - waited), wait_seconds=waited)
+        computed = int(packed.num_tokens)
+        out = RunnerOutput(exec_seconds=max(0.0, total - waited), wait_seconds=waited, tokens=computed)
         start = 0
-        for r, (work, n) in zip(step.batch, rows, strict=True):
+        for r, (work, n) in zip(batch, rows, strict=True):
             out.embeddings[r.id] = embeddings[start : start + n]
             if logits is not None:
                 out.logits[r.id] = logits[start : start + n]
@@ -165,11 +172,13 @@ class ModelRunner:
             start += n
         return out
 
-    def _early_answers(self, step: Step, rows: list[tuple[Work, int]]) -> _EarlyAnswers | None:
+    def _early_answers(
+        self, step: Step, batch: list[Request], rows: list[tuple[Work, int]]
+    ) -> _EarlyAnswers | None:
         if self.early_answer is None:
             return None
-        last = [step.spans.get(r.id, (0, r.total_inputs))[1] >= r.total_inputs for r in step.batch]
-        return _EarlyAnswers(step.batch, [n for _, n in rows], last, self.early_answer)
+        last = [step.spans.get(r.id, (0, r.total_inputs))[1] >= r.total_inputs for r in batch]
+        return _EarlyAnswers(batch, [n for _, n in rows], last, self.early_answer)
 
     def _run_generation(self, step: Step, model: str) -> RunnerOutput:
         tokenizer = self._catalog.tokenizer(model)

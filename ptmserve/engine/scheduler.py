@@ -511,6 +511,7 @@ class Scheduler:
         loaded_bytes: int = 0,
         ok: bool = True,
         progress: Mapping[int, int] | None = None,
+        tokens: int | None = None,
     ) -> list[Request]:
         """Report that ``step`` finished (or failed, ``ok=False``); returns the requests it finished.
 
@@ -527,6 +528,8 @@ class Scheduler:
             load_seconds: time its demand load took (``loaded_bytes`` moved); 0 when it needed none. When
                 ``step.load_needed`` and this is 0, ``exec_seconds`` is taken to include the load and is not
                 used to refine the execution costs.
+            tokens: the tokens the step really computed (the runner skips requests cancelled before it
+                started); None: all of ``step.tokens``.
 
         Measurements refine the cost model; a failed step only releases the worker. Reporting a step with
         nothing to run (``model`` None) is allowed and does nothing.
@@ -549,8 +552,9 @@ class Scheduler:
                 req.tokens = pending
         nbytes = self._sizes.get(step.model, 0)
         pure = not step.load_needed or load_seconds > 0
-        if pure and exec_seconds > 0 and math.isfinite(exec_seconds):
-            self.costs.observe_exec(step.model, step.tokens, exec_seconds, nbytes)
+        computed = step.tokens if tokens is None else tokens
+        if pure and computed > 0 and exec_seconds > 0 and math.isfinite(exec_seconds):
+            self.costs.observe_exec(step.model, computed, exec_seconds, nbytes)
         if load_seconds > 0 and loaded_bytes > 0:
             self.costs.observe_load(loaded_bytes, load_seconds, step.load_source)
         self.stats.setdefault(step.model, ModelStats()).last_used = self.clock()

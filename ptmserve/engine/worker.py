@@ -29,6 +29,7 @@ import numpy as np
 
 from ptmserve.engine.api import ClassifyResult, EmbedResult
 from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.costs import Tier
 from ptmserve.engine.generation import GenerationUpdate
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.requests import Outcome, Request, RequestStatus
@@ -248,7 +249,8 @@ class Worker:
                 e = self._load_events.get_nowait()
             except queue.Empty:
                 return
-            self._scheduler.on_load_done(e.model, e.seconds, e.nbytes, ok=e.kind == "load")
+            source = Tier.DISK if e.read_bytes else Tier.HOST  # a load that read the repository first
+            self._scheduler.on_load_done(e.model, e.seconds, e.nbytes, source, ok=e.kind == "load")
 
     def _complete(self, step: Step, output: RunnerOutput) -> None:
         """Report ``step`` to the scheduler, keep each request's part, deliver what finished."""
@@ -259,7 +261,7 @@ class Worker:
                 finished: list[Request] = []
             else:
                 finished = self._scheduler.on_step_done(
-                    step, output.exec_seconds, output.wait_seconds, progress=progress
+                    step, output.exec_seconds, output.wait_seconds, progress=progress, tokens=output.tokens
                 )
         if output.error is not None:
             failed = [r for r in step.batch if r.status is RequestStatus.FAILED]
@@ -427,7 +429,7 @@ class Worker:
         m = self._metrics
         m.compute_seconds.labels(model).observe(output.exec_seconds + output.wait_seconds)
         m.batch_size.labels(model).observe(len(step.batch))
-        m.batch_tokens.labels(model).inc(step.tokens)
+        m.batch_tokens.labels(model).inc(step.tokens if output.tokens is None else output.tokens)
         if output.exit_layers:
             layers, counts = np.unique(np.concatenate(list(output.exit_layers.values())), return_counts=True)
             for layer, count in zip(layers.tolist(), counts.tolist(), strict=True):

@@ -459,7 +459,11 @@ class WeightManager:
                 if job.bytes_read:
                     self._events.append(MemoryEvent("load", record.name, HOST, job.bytes_read, seconds))
                 if tier == DEVICE:
-                    self._events.append(MemoryEvent("load", record.name, DEVICE, job.bytes_copied, seconds))
+                    self._events.append(
+                        MemoryEvent(
+                            "load", record.name, DEVICE, job.bytes_copied, seconds, read_bytes=job.bytes_read
+                        )
+                    )
             self._events.deliver()
             job.done.set()
 

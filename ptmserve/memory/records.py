@@ -52,6 +52,9 @@ class MemoryEvent:
     nbytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    read_bytes: int = (
+        0  # of a device load: bytes it read from the repository first (0: all from the host tier)
+    )
 
 
 Listener = Callable[[MemoryEvent], None]

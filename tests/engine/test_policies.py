@@ -21,7 +21,7 @@ from tests.engine.test_scheduler_support import (
 
 
 def test_policies_by_name() -> None:
-    assert [p.value for p in PolicyName] == ["fastptm", "fifo-lru", "edf-lru"]
+    assert [p.value for p in PolicyName] == ["fastptm", "fifo-lru", "edf-lru", "fifo-naive"]
     for name in PolicyName:
         assert make_policy(name).name == name.value
     assert make_policy("fifo-lru", predictive_expiry=True).predictive_expiry
@@ -90,8 +90,20 @@ def test_fastptm_switches_when_staying_would_lose_a_request() -> None:
     assert step is not None and step.model == "b" and step.load_needed and step.evict == ["a"]
 
 
+def test_fifo_naive_runs_one_request_per_step_in_arrival_order() -> None:
+    clock = FakeClock()
+    sched = make_scheduler("fifo-naive", clock=clock)
+    arrivals = [
+        req(m, cls, 0.001 * i, 5.0) for i, (m, cls) in enumerate(zip("aabab", (RT, BATCH, RT, RT, BATCH)))
+    ]
+    steps = [s for s in run(sched, clock, FakeTiers(slots=1), arrivals) if s.batch]
+    assert [len(s.batch) for s in steps] == [1] * 5
+    assert [s.batch[0].id for s in steps] == [r.id for r in arrivals]
+    assert [s.load_needed for s in steps] == [True, False, True, True, True]  # a, a, b, a, b: 4 switches
+
+
 def test_fifo_and_edf_are_switch_naive() -> None:
-    for policy in ("fifo-lru", "edf-lru"):
+    for policy in ("fifo-lru", "edf-lru", "fifo-naive"):
         sched = make_scheduler(policy)
         sched.submit(req("b", RT, 0.0, 0.9))  # first and earliest: the baselines switch for it
         sched.submit(req("a", RT, 0.0, 1.0))

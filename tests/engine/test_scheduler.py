@@ -136,6 +136,30 @@ def test_cancel_frees_the_queue_slot_at_once_and_stops_a_running_request() -> No
     assert r2.status is RequestStatus.CANCELLED and r2.id not in sched.running
 
 
+def test_the_cost_model_learns_from_the_tokens_really_computed() -> None:
+    sched = make_scheduler()
+    seen: list[int] = []
+    observe = sched.costs.observe_exec
+    sched.costs.observe_exec = lambda model, tokens, *a, **k: (
+        seen.append(tokens),
+        observe(model, tokens, *a, **k),
+    )
+    for _ in range(3):
+        sched.submit(req("a", RT, 0.0, 5.0, tokens=10))
+    step = sched.schedule(FakeTiers(slots=1, resident=["a"]).view())
+    assert step is not None and step.tokens == 30
+    sched.cancel(step.batch[0].id)  # before the runner computed it: the runner skipped it
+    sched.on_step_done(step, 0.01, tokens=20)
+    assert seen == [20]
+    for _ in range(2):
+        sched.submit(req("a", RT, 0.0, 5.0, tokens=10))
+    step = sched.schedule(FakeTiers(slots=1, resident=["a"]).view())
+    for r in step.batch:
+        sched.cancel(r.id)
+    sched.on_step_done(step, 0.0, tokens=0)  # nothing computed: nothing learned
+    assert seen == [20]
+
+
 def test_a_request_over_the_token_limit_runs_a_part_per_step_and_others_run_between() -> None:
     clock = FakeClock()
     sched = make_scheduler("edf-lru", clock=clock, max_batch_tokens=100)

@@ -21,7 +21,7 @@ from ptmserve.engine.simulator import Arrival, SimClock, SimConfig, SimResult, s
 from ptmserve.errors import DeadlineExceeded, Overloaded
 from tests.engine.test_scheduler_support import PROFILE, SIZE
 
-POLICIES = ["fastptm", "fifo-lru", "edf-lru"]
+POLICIES = ["fastptm", "fifo-lru", "edf-lru", "fifo-naive"]
 
 
 def _sim(policy: str, arrivals: list[Arrival], models: int, slots: int, **kw: object) -> SimResult:
@@ -68,13 +68,17 @@ def test_every_request_ends_in_exactly_one_outcome_within_budget(policy: str) ->
 
 
 @pytest.mark.parametrize("cls_priority", [1, 2])
-def test_one_model_without_binding_deadlines_every_policy_gives_the_same_result(cls_priority: int) -> None:
+def test_one_model_without_binding_deadlines_every_batching_policy_gives_the_same_result(
+    cls_priority: int,
+) -> None:
     rng = random.Random(7)
     arrivals, t = [], 0.0
     for _ in range(400):
         t += rng.expovariate(30.0)
         arrivals.append(Arrival(t, "m0", rng.randint(1, 60), cls_priority, 3_600_000_000))
-    results = {p: _sim(p, arrivals, models=1, slots=1) for p in POLICIES}
+    results = {
+        p: _sim(p, arrivals, models=1, slots=1) for p in POLICIES if p != "fifo-naive"
+    }  # it batches nothing
     fates = {p: [(r.outcome, r.started, r.finish) for r in res.records] for p, res in results.items()}
     assert fates["fastptm"] == fates["fifo-lru"] == fates["edf-lru"]
     assert all(o is Outcome.SUCCESS for o, _, _ in fates["fastptm"])

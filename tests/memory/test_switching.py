@@ -148,3 +148,14 @@ def test_sizing_helpers_see_shared_tensors(repo, make_manager) -> None:
     m.evict("a")
     assert m.trim() == model_bytes(base)  # the free list went back to the allocator
     assert m.stats().device.used_bytes == 0
+
+
+def test_a_device_load_says_whether_it_read_the_repository(repo, make_manager) -> None:
+    cfg = tiny_config()
+    ta = add_model(repo, "a", cfg, seed=1)
+    add_model(repo, "b", cfg, seed=2)
+    m = make_manager(device_budget=model_bytes(ta))
+    for name in ("a", "b", "a"):  # a from disk, b from disk (a evicted from the device only), a from host
+        run(m, name, batch())
+    loads = [(e.model, e.read_bytes) for e in m.events if e.kind == "load" and e.tier == "device"]
+    assert loads == [("a", model_bytes(ta)), ("b", model_bytes(ta)), ("a", 0)]

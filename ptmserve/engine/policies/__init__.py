@@ -1,11 +1,12 @@
-"""Scheduling policies, chosen by name: ``fastptm`` (ours, the default), ``fifo-lru`` and ``edf-lru``."""
+"""Scheduling policies, chosen by name: ``fastptm`` (ours, the default), and the baselines ``fifo-lru``,
+``edf-lru`` and ``fifo-naive``."""
 
 from __future__ import annotations
 
 from enum import Enum
 
 from ptmserve.engine.policies.base import Context, ModelStats, Plan, Policy, StepKind
-from ptmserve.engine.policies.baselines import EdfLru, FifoLru
+from ptmserve.engine.policies.baselines import EdfLru, FifoLru, FifoNaive
 from ptmserve.engine.policies.fastptm import FastPtm, FastPtmOptions
 from ptmserve.errors import InvalidConfig
 
@@ -15,6 +16,7 @@ __all__ = [
     "FastPtm",
     "FastPtmOptions",
     "FifoLru",
+    "FifoNaive",
     "ModelStats",
     "Plan",
     "Policy",
@@ -28,12 +30,14 @@ class PolicyName(str, Enum):
     FASTPTM = "fastptm"
     FIFO_LRU = "fifo-lru"
     EDF_LRU = "edf-lru"
+    FIFO_NAIVE = "fifo-naive"
 
 
 _POLICIES: dict[PolicyName, type[Policy]] = {
     PolicyName.FASTPTM: FastPtm,
     PolicyName.FIFO_LRU: FifoLru,
     PolicyName.EDF_LRU: EdfLru,
+    PolicyName.FIFO_NAIVE: FifoNaive,
 }
 
 

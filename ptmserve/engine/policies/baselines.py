@@ -1,5 +1,6 @@
 """The baselines, modelled on how the peers behave (Ray Serve model multiplexing, Triton with on-demand
 loading): per-model dynamic batching of whatever is queued, loads on demand, LRU eviction, no prefetch.
+``fifo-naive`` is FastPTM's own baseline, one step further back: one request per step, in arrival order.
 
 They obey the same batch limits and budgets as ``fastptm`` and use the same loader. Their timeout semantics
 are the peers' too (Triton's queue policy): a request whose deadline has passed when it would be dequeued is
@@ -10,6 +11,7 @@ predictive expiry instead, to separate what expiry alone buys from what ordering
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 from ptmserve.engine.policies.base import Context, Plan, Policy, kind_of, take
@@ -76,3 +78,17 @@ class EdfLru(_OrderedPolicy):
     def _key(self, ctx: Context) -> Callable[[Request], tuple[float, int]]:
         seq = ctx.queues.seq
         return lambda r: (r.deadline, seq(r))
+
+
+class FifoNaive(FifoLru):
+    """FastPTM's baseline: requests one at a time, strictly in arrival order, each loading its model on
+    demand (LRU eviction). It batches nothing, so every change of model between two consecutive requests is
+    a switch."""
+
+    name = "fifo-naive"
+
+    def _plan(self, ctx: Context, model: str) -> Plan:
+        batch: list[Request] = []
+        first = itertools.islice(ctx.queues.in_order(model, self.order), 1)  # the oldest request's model
+        take(ctx, model, first, batch, predictive=self.predictive_expiry)  # comes first: it is the oldest
+        return Plan(model, batch, kind_of(batch))
