@@ -49,6 +49,7 @@ from ptmserve.engine.worker import Worker
 from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.placement import PLACEMENTS
+from ptmserve.memory.policy import RankedPolicy
 from ptmserve.memory.sizes import parse_size
 from ptmserve.models.chat import render_chat
 from ptmserve.models.exits import exits_of
@@ -144,8 +145,10 @@ class Engine:
         self._failed: dict[str, str] = {}  # model -> why it cannot serve (budget, damage, failed load)
         self._accepting = True
         self._refuse_zero_copy_mismatch()
+        eviction = RankedPolicy()  # the weight manager evicts in the scheduler's order
         self.weights = WeightManager(
             repo,
+            policy=eviction,
             device=self.device,
             dtype=self.dtype,
             host_budget=settings.host_memory,
@@ -166,7 +169,9 @@ class Engine:
         self._runner = ModelRunner(
             self.weights, self.catalog, self.device, self.generation, servable=self._servable
         )
-        self._worker = Worker(self._scheduler, self._runner, self.weights, self.catalog, self.metrics)
+        self._worker = Worker(
+            self._scheduler, self._runner, self.weights, self.catalog, self.metrics, eviction=eviction
+        )
         self._preparers = ThreadPoolExecutor(2, thread_name_prefix="ptmserve-prepare")
         self._refuse_oversized()
         for tier in (stats := self.weights.stats()).host, stats.device:

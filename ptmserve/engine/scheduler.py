@@ -41,7 +41,9 @@ evicted. Other models' steps (encoders) are not held back: with active sequences
 step is another model's, so that neither starves.
 
 Everything the scheduler decides about device memory goes through ``Step.evict`` and ``Step.prefetch``;
-``eviction_order`` ranks models for the weight manager's own evictions (host tier, or device overflow).
+``Step.eviction_order`` ranks every model holding weights for the evictions the weight manager must make
+on its own while the step runs (the host tier, or room for a load the step could not foresee), so the
+manager follows the scheduler's order instead of one of its own: one authority over what leaves memory.
 
 Pure Python: no torch, no threads, an injected clock (seconds).
 """
@@ -51,7 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -158,6 +160,9 @@ class Step:
     started: float = 0.0  # clock time ``schedule`` returned it
     load_source: Tier = Tier.DEVICE  # where ``model``'s weights come from when ``load_needed``
     spans: dict[int, tuple[int, int]] = field(default_factory=dict)  # request id -> inputs [start, end)
+    # every model holding weights (resident or in the host tier) in the policy's eviction order, first to
+    # go first: the order the weight manager follows for evictions it must make while the step runs
+    eviction_order: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -373,6 +378,8 @@ class Scheduler:
             spans=spans,
         )
         self._add_prefetch(ctx, step)
+        holding = set(ctx.view.resident) | set(ctx.view.host)
+        step.eviction_order = self.policy.eviction_order(ctx, sorted(holding - {model}))
         stats = self.stats.setdefault(model, ModelStats())
         stats.last_used = ctx.now
         self.policy.on_step(ctx, step)
@@ -605,10 +612,3 @@ class Scheduler:
             self.costs.observe_load(nbytes, seconds, source)
             stats = self.stats.setdefault(model, ModelStats())
             stats.last_used = max(stats.last_used, self.clock())
-
-    def eviction_order(self, models: Iterable[str], view: TierView) -> list[str]:
-        """Rank ``models`` for eviction, the first to evict first, by the policy's own order (LRU for the
-        baselines, expected reuse for fastptm). For the weight manager's evictions outside ``Step``; like
-        every method here, call it from the thread that owns the scheduler."""
-        ctx = self._context(view)
-        return self.policy.eviction_order(ctx, list(models))

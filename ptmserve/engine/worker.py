@@ -38,6 +38,7 @@ from ptmserve.engine.scheduler import Scheduler, Step
 from ptmserve.errors import DeadlineExceeded, NotReady, PtmError
 from ptmserve.memory.allocator import HeapTrimmer
 from ptmserve.memory.manager import WeightManager
+from ptmserve.memory.policy import RankedPolicy
 from ptmserve.memory.records import MemoryEvent
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ class Worker:
         weights: WeightManager,
         catalog: ModelCatalog,
         metrics: EngineMetrics,
+        eviction: RankedPolicy | None = None,
     ) -> None:
         self._scheduler = scheduler
+        self._eviction = eviction  # the weight manager's policy: it follows each step's eviction order
         self._runner = runner
         self._weights = weights
         self._catalog = catalog
@@ -231,6 +234,8 @@ class Worker:
                 error = PtmError("internal error while scheduling this request; see the server log")
                 return None, [(r, error, Outcome.ERROR) for r in self._scheduler.drop()], False
             endings: list[Ending] = []
+            if step is not None and step.model is not None and self._eviction is not None:
+                self._eviction.follow(step.eviction_order)
             if step is not None:
                 late = DeadlineExceeded("the request could not finish before its deadline")
                 endings = [(r, late, Outcome.TIMEOUT) for r in step.expired]

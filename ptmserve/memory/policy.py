@@ -57,3 +57,30 @@ class LruPolicy:
         with self._lock:
             rank = {name: i for i, name in enumerate(self._order)}
         return min(candidates, key=lambda name: rank.get(name, -1))
+
+
+class RankedPolicy:
+    """Evict in an order someone else decides (the scheduler's, ``follow``), so that one authority says
+    what leaves memory. Candidates the order does not name (models that arrived after it was given) go
+    last, least recently used first."""
+
+    def __init__(self) -> None:
+        self._lru = LruPolicy()
+        self._rank: dict[str, int] = {}
+
+    def follow(self, order: Sequence[str]) -> None:
+        """From now on evict in ``order`` (first to evict first); any thread."""
+        self._rank = {name: i for i, name in enumerate(order)}  # one assignment: readers see old or new
+
+    def touch(self, model: str) -> None:
+        self._lru.touch(model)
+
+    def forget(self, model: str) -> None:
+        self._lru.forget(model)
+
+    def victim(self, tier: str, candidates: Sequence[str]) -> str | None:
+        rank = self._rank
+        ranked = [c for c in candidates if c in rank]
+        if ranked:
+            return min(ranked, key=rank.__getitem__)
+        return self._lru.victim(tier, candidates)
