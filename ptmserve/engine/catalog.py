@@ -40,6 +40,7 @@ class CatalogEntry:
     device_bytes: int  # its weights on the device as placed, in the compute dtype, each tensor once
     generates: bool = False  # a text generation model (its family's ``generates``)
     host_groups: frozenset[str] = frozenset()  # its load groups placed in the host tier
+    weight_bytes: int = 0  # all its weights in the compute dtype, each tensor once (what it computes with)
 
     @property
     def kind(self) -> ModelKind:
@@ -115,7 +116,8 @@ class ModelCatalog:
             return cached
         max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
         nbytes = self._device_bytes(manifest, placed)
-        return CatalogEntry(manifest, config, max_tokens, nbytes, family.generates, placed)
+        weights = self._device_bytes(manifest, frozenset()) if placed else nbytes
+        return CatalogEntry(manifest, config, max_tokens, nbytes, family.generates, placed, weights)
 
     def names(self) -> list[str]:
         """Every model in the repository, damaged ones included, sorted."""
@@ -161,6 +163,12 @@ class ModelCatalog:
         with self._lock:
             found = self._entries.get(name)
         return found.device_bytes if found is not None else 0
+
+    def weight_bytes(self, name: str) -> int:
+        """Bytes of all of ``name``'s weights in the compute dtype, host-placed groups included."""
+        with self._lock:
+            found = self._entries.get(name)
+        return found.weight_bytes if found is not None else 0
 
     def _device_bytes(self, manifest: ModelManifest, host_groups: frozenset[str]) -> int:
         """As the weight manager places them: a tensor is on the device when a device-placed group uses it."""

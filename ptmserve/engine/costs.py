@@ -186,10 +186,19 @@ class CostModel:
         self._max_ab = (0.0, 0.0)  # running maxima of a and b (with margins) over fits: never decrease
         self._exec: dict[str, LinearFit] = {}
         self._bps = {Tier.HOST: profile.host_to_device_bps, Tier.DISK: profile.disk_to_host_bps}
+        # model -> bytes of all its weights, where they differ from its device bytes (groups placed in
+        # the host tier compute too): what a model's prior execution cost is taken from
+        self._compute_bytes: dict[str, int] = {}
+
+    def set_compute_bytes(self, model: str, nbytes: int) -> None:
+        """The bytes of all of ``model``'s weights, for its prior execution cost (callers pass its device
+        bytes, which leave out the groups placed in the host tier)."""
+        self._compute_bytes[model] = nbytes
 
     def _fit(self, model: str, nbytes: int) -> LinearFit:
         fit = self._exec.get(model)
         if fit is None:
+            nbytes = self._compute_bytes.get(model, nbytes)
             p = self.profile
             fit = LinearFit(p.batch_overhead_s, p.token_seconds(nbytes), forget=self._forget)
             if nbytes > 0:  # a prior from unknown bytes would anchor the fit at zero per-token cost

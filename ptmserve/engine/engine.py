@@ -35,6 +35,7 @@ from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.generation import GenerationRunner, GenerationWork
 from ptmserve.engine.metrics import EngineMetrics
 from ptmserve.engine.placement import Placement
+from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
 from ptmserve.engine.requests import (
     DEFAULT_BATCH_TIMEOUT_S,
     DEFAULT_REALTIME_TIMEOUT_S,
@@ -51,7 +52,6 @@ from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.placement import PLACEMENTS
 from ptmserve.memory.policy import RankedPolicy
 from ptmserve.memory.sizes import parse_size
-from ptmserve.models.chat import render_chat
 from ptmserve.models.exits import exits_of
 from ptmserve.models.sampling import SamplingParams
 from ptmserve.models.tokenizer import check_ids
@@ -62,9 +62,6 @@ logger = logging.getLogger(__name__)
 
 Inputs = Sequence[str] | Sequence[Sequence[int]]
 _FLOATING = ("float32", "bfloat16", "float16")
-# Requests up to this size are prepared on the caller's event loop (characters or token ids in all).
-_INLINE_INPUTS = 32
-_INLINE_UNITS = 2048
 KV_TIER = "kv"  # the KV cache's name among the tiers (metrics, ``tiers()``)
 
 
@@ -371,7 +368,7 @@ class Engine:
         await the result. A small request whose tokenizer is ready is prepared on the loop itself: two
         thread hand-offs would cost it more (GIL switches) than its tokenizing does. Cancelling the
         caller cancels the request, whichever stage it is in."""
-        if self._cheap_to_prepare(model, inputs):
+        if cheap_to_prepare(self.catalog, model, inputs):
             return await asyncio.wrap_future(self._submit(model, inputs, options, classify=classify))
         prepared = self._preparers.submit(self._submit, model, inputs, options, classify=classify)
         try:
@@ -382,21 +379,6 @@ class Engine:
             )
             raise
         return await asyncio.wrap_future(result)
-
-    def _cheap_to_prepare(self, model: str, inputs: Inputs) -> bool:
-        """Small enough to validate and tokenize in well under a millisecond, with the tokenizer parsed."""
-        if (
-            not isinstance(inputs, Sequence)
-            or isinstance(inputs, (str, bytes))
-            or len(inputs) > _INLINE_INPUTS
-        ):
-            return False
-        size = 0
-        for x in inputs:
-            if not isinstance(x, (str, Sequence)):
-                return False
-            size += len(x)
-        return size <= _INLINE_UNITS and self.catalog.has_tokenizer(model)
 
     def _ready_entry(self, model: str) -> CatalogEntry:
         """The catalog entry of ``model`` if it can take requests now.
@@ -432,14 +414,7 @@ class Engine:
 
     def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
         entry = self._ready_entry(model)
-        if entry.generates:
-            raise InvalidInput(
-                f"model {model!r} is a text generation model: it has no embeddings or labels; "
-                "use completions or chat"
-            )
-        if classify and not entry.config.labels:
-            raise InvalidInput(f"model {model!r} has no classification head; use embeddings")
-        token_ids = self.catalog.tokenize(model, inputs)
+        token_ids = encoder_ids(self.catalog, entry, model, inputs, classify=classify)
         lengths = tuple(len(x) for x in token_ids)
         work = Work(token_ids, classify, early_exit=options.early_exit)
         request = self._request(
@@ -472,9 +447,7 @@ class Engine:
         """
         self._generator(model)
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidInput("the prompt is empty")
-            ids = self.catalog.tokenizer(model).encode_prompt(prompt)
+            ids = prompt_ids(self.catalog, model, prompt)
         else:
             ids = [*prompt] if isinstance(prompt, Sequence) else prompt  # type: ignore[list-item]
             if not isinstance(ids, list) or not ids:
@@ -493,13 +466,7 @@ class Engine:
         with the model's own chat template. Raises as ``complete``; also ``InvalidInput`` for malformed
         messages or a model without a chat template."""
         entry = self._generator(model)
-        settings = entry.manifest.generation
-        template = settings.get("chat_template")
-        if not template:
-            raise InvalidInput(f"model {model!r} has no chat template; use completions")
-        text = render_chat(template, messages, settings)
-        ids = self.catalog.tokenizer(model).encode_prompt(text, special_tokens=False)
-        return self._generate(model, ids, params, options)
+        return self._generate(model, chat_ids(self.catalog, entry, model, messages), params, options)
 
     async def acomplete(
         self,
@@ -509,7 +476,7 @@ class Engine:
         options: InferenceOptions = InferenceOptions(),
     ) -> Generation:
         """``complete`` for asyncio: a long prompt is tokenized on a thread pool, not on the loop."""
-        if self._cheap_to_prepare(model, [prompt]):  # type: ignore[list-item]
+        if cheap_to_prepare(self.catalog, model, [prompt]):  # type: ignore[list-item]
             return self.complete(model, prompt, params, options)
         return await _prepared(self._preparers.submit(self.complete, model, prompt, params, options))
 

@@ -201,10 +201,14 @@ class Scheduler:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    def register(self, model: str, nbytes: int) -> None:
+    def register(self, model: str, nbytes: int, compute_bytes: int | None = None) -> None:
         """Tell the scheduler ``model``'s device bytes before a ``TierView`` shows it, so that its first
-        requests get cost predictions from its size (otherwise only the per-batch overhead is known)."""
+        requests get cost predictions from its size (otherwise only the per-batch overhead is known).
+        ``compute_bytes``: all of its weights' bytes, when groups placed in the host tier make its device
+        bytes smaller than what it computes with."""
         self._sizes[model] = nbytes
+        if compute_bytes is not None and compute_bytes != nbytes:
+            self.costs.set_compute_bytes(model, compute_bytes)
 
     def submit(self, req: Request) -> None:
         """Queue ``req`` for its model and class.

@@ -125,7 +125,10 @@ class Worker:
             with self._lock:
                 if self._stopping or self.failure is not None:
                     raise NotReady(self.failure or "the server is shutting down")
-                self._scheduler.register(req.model, self._catalog.device_bytes(req.model))
+                catalog = self._catalog
+                self._scheduler.register(
+                    req.model, catalog.device_bytes(req.model), catalog.weight_bytes(req.model)
+                )
                 self._scheduler.submit(req)
         except DeadlineExceeded:
             self._count(req.model, Outcome.TIMEOUT)

@@ -58,7 +58,9 @@ def create_app(engine: EngineLike, settings: ServerSettings, *, owns_engine: boo
     http_metrics = HttpMetrics()
 
     async def metrics() -> Response:
-        text = generate_latest(engine.metrics.registry) + generate_latest(http_metrics.registry)
+        # Off the event loop: a worker pool's engine metrics are read from its worker processes.
+        text = await asyncio.to_thread(generate_latest, engine.metrics.registry)
+        text += generate_latest(http_metrics.registry)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     infer_body = {"requestBody": {"required": True, "content": {"application/json": INFER_REQUEST_SCHEMA}}}

@@ -94,7 +94,8 @@ def test_fifo_naive_runs_one_request_per_step_in_arrival_order() -> None:
     clock = FakeClock()
     sched = make_scheduler("fifo-naive", clock=clock)
     arrivals = [
-        req(m, cls, 0.001 * i, 5.0) for i, (m, cls) in enumerate(zip("aabab", (RT, BATCH, RT, RT, BATCH)))
+        req(m, cls, 0.001 * i, 5.0)
+        for i, (m, cls) in enumerate(zip("aabab", (RT, BATCH, RT, RT, BATCH), strict=True))
     ]
     steps = [s for s in run(sched, clock, FakeTiers(slots=1), arrivals) if s.batch]
     assert [len(s.batch) for s in steps] == [1] * 5

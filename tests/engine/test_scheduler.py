@@ -136,6 +136,15 @@ def test_cancel_frees_the_queue_slot_at_once_and_stops_a_running_request() -> No
     assert r2.status is RequestStatus.CANCELLED and r2.id not in sched.running
 
 
+def test_a_model_with_groups_on_the_host_is_predicted_from_all_its_weights() -> None:
+    sched = make_scheduler()
+    sched.register("placed", 1_000_000, compute_bytes=4_000_000)
+    sched.register("full", 4_000_000)
+    assert sched.costs.exec_seconds("placed", 100, 1_000_000) == sched.costs.exec_seconds(
+        "full", 100, 4_000_000
+    )
+
+
 def test_the_cost_model_learns_from_the_tokens_really_computed() -> None:
     sched = make_scheduler()
     seen: list[int] = []

@@ -1,0 +1,394 @@
+"""``WorkerPool``: N engine worker processes behind one front end, with the API of ``Engine``.
+
+The split (docs/architecture.md, "Processes"): the front end (this object, in the HTTP server's process)
+holds the model catalog, checks requests and tokenizes them, and routes each to a worker; each worker
+process runs a whole ``Engine`` (scheduler, step loop, weight tiers, KV cache) with its own device budget
+and computes. Their host tiers live in one shared-memory folder, so every worker maps the same weight
+bytes. Requests cross a pipe per worker as token ids; results come back as numpy arrays, generations as a
+stream of chunks.
+
+Routing is by model affinity (``routing.py``). A worker that dies is replaced (``slot.py``): the requests
+it held fail with 503 naming it, the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client.metrics_core import Metric
+
+from ptmserve.engine.api import (
+    ClassifyResult,
+    EmbedResult,
+    Generation,
+    GenerationParams,
+    InferenceOptions,
+    ModelInfo,
+    ModelKind,
+    ModelState,
+    TierUsage,
+)
+from ptmserve.engine.catalog import CatalogEntry, ModelCatalog
+from ptmserve.engine.engine import EngineSettings
+from ptmserve.engine.pool import messages as m
+from ptmserve.engine.pool.metrics import PoolMetrics, Snapshot, WorkerVitals, worker_families
+from ptmserve.engine.pool.process import WorkerSpec
+from ptmserve.engine.pool.routing import choose_worker
+from ptmserve.engine.pool.slot import START_SECONDS, WorkerSlot
+from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
+from ptmserve.errors import InvalidConfig, InvalidInput, NotReady, PtmError
+from ptmserve.models.exits import exits_of
+from ptmserve.store.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Inputs = Sequence[str] | Sequence[Sequence[int]]
+METRICS_TIMEOUT_SECONDS = 2.0  # a worker that does not send its metrics by then is left out of /metrics
+NOT_LOADED = "not loaded (explicit model control)"
+
+
+class WorkerPool:
+    """Serves a repository with ``workers`` engine processes. The same API as ``Engine`` for the server
+    (``ptmserve.server.dataplane.EngineLike``); ``warm_up()`` before serving, ``close()`` at the end.
+
+    Raises (from the constructor):
+        InvalidConfig: ``workers`` < 1, or a worker's engine refused the settings.
+        NotReady: a worker process could not start.
+    """
+
+    def __init__(
+        self,
+        repo_dir: str | Path,
+        settings: EngineSettings,
+        *,
+        workers: int,
+        threads_per_worker: int = 1,
+        start_seconds: float = START_SECONDS,
+    ) -> None:
+        if workers < 1 or threads_per_worker < 1:
+            raise InvalidConfig(
+                f"workers and threads_per_worker must be >= 1, got {workers} and {threads_per_worker}"
+            )
+        self.settings = settings
+        self._accepting = True
+        self._lock = threading.Lock()  # guards the explicit-control sets below
+        self._route_lock = threading.Lock()  # one routing decision (and its registration) at a time
+        self._loaded: set[str] = set()  # under explicit control: models loaded through the API
+        self._loading: set[str] = set()
+        self._failed: dict[str, str] = {}  # model -> why its last explicit load failed
+        self.shared_memory = _make_shared_folder()
+        worker_settings = dataclasses.replace(settings, shared_memory=str(self.shared_memory))
+        context = multiprocessing.get_context("spawn")  # never fork a process holding torch and threads
+        level = logging.getLogger("ptmserve").getEffectiveLevel()
+        self._slots = [
+            WorkerSlot(
+                WorkerSpec(i, str(repo_dir), worker_settings, threads_per_worker, level),
+                context,
+                replay=self._models_to_replay,
+                start_seconds=start_seconds,
+            )
+            for i in range(workers)
+        ]
+        self._preparers = ThreadPoolExecutor(2, thread_name_prefix="ptmserve-tokenize")
+        try:
+            hello = self._start_workers(start_seconds)
+        except BaseException:
+            self.close(drain_seconds=0)
+            raise
+        self.device, self.dtype = hello.device, hello.dtype
+        self.catalog = ModelCatalog(Repository(Path(repo_dir)), hello.dtype, truncate=settings.truncate)
+        self.metrics = PoolMetrics(self._worker_metrics, self._own_metrics)
+        logger.info(
+            "%d engine workers (%d thread(s) each) on %s in %s; host tier shared in %s",
+            *(workers, threads_per_worker, self.device, self.dtype, self.shared_memory),
+        )
+
+    def _start_workers(self, start_seconds: float) -> m.Hello:
+        """Start every worker at once and wait until each said Hello; the first Hello."""
+        for slot in self._slots:
+            slot.start()
+        deadline = time.monotonic() + start_seconds
+        for slot in self._slots:
+            if not slot.wait_started(max(deadline - time.monotonic(), 0.0)):
+                raise NotReady(f"{slot.label} did not start within {start_seconds:.0f} s")
+            if slot.start_error is not None:
+                raise slot.start_error
+        hello = self._slots[0].hello
+        assert hello is not None
+        return hello
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each worker's process id (None while one starts), by slot."""
+        return [slot.pid for slot in self._slots]
+
+    # -- models ---------------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        """Every model in the repository; damaged ones are UNAVAILABLE with the reason."""
+        return [self.model_info(name) for name in self.catalog.names()]
+
+    def model_info(self, name: str) -> ModelInfo:
+        """Raises ModelNotFound (InvalidInput for a malformed name)."""
+        state, reason = self._state(name)
+        info = self.catalog.info(name, state, reason)
+        if info.kind is not ModelKind.CLASSIFIER:
+            return info
+        exits = tuple(e.layer for e in exits_of(self.catalog.entry(name).config))
+        return dataclasses.replace(info, exits=exits) if exits else info
+
+    def _state(self, name: str) -> tuple[ModelState, str]:
+        """``Engine._state`` for the pool: the front end's own view, then what the live workers refuse."""
+        damage = self.catalog.damage(name)
+        if damage is not None:
+            return ModelState.UNAVAILABLE, damage
+        with self._lock:
+            if name in self._loading:
+                return ModelState.LOADING, "an explicit load is in progress"
+            if name in self._failed:
+                return ModelState.UNAVAILABLE, self._failed[name]
+            if self.settings.model_control == "explicit" and name not in self._loaded:
+                return ModelState.UNAVAILABLE, NOT_LOADED
+        for slot in self._slots:
+            reason = (slot.state.unavailable or {}).get(name) if slot.live else None
+            if reason is not None:
+                return ModelState.UNAVAILABLE, reason
+        return ModelState.READY, ""
+
+    def _models_to_replay(self) -> list[str]:
+        """The models a fresh worker must load before it serves (explicit control only)."""
+        with self._lock:
+            return sorted(self._loaded | self._loading)
+
+    def load(self, name: str) -> None:
+        """Load ``name`` in every worker (under explicit control, make it serve); LOADING meanwhile.
+        A worker started later loads it before it takes requests.
+
+        Raises:
+            ModelNotFound; CorruptData or NotReady when a worker cannot load it.
+        """
+        self.catalog.refresh(force=True)
+        self.catalog.entry(name)
+        with self._lock:
+            self._loading.add(name)
+        try:
+            self._on_every_worker(m.LOAD, {"name": name})
+        except Exception as exc:
+            with self._lock:
+                self._failed[name] = exc.message if isinstance(exc, PtmError) else str(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+        with self._lock:
+            self._failed.pop(name, None)
+            self._loaded.add(name)
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` (under explicit control) in every worker and free its bytes there."""
+        self.catalog.entry(name)
+        with self._lock:
+            self._loaded.discard(name)
+        self._on_every_worker(m.UNLOAD, {"name": name})
+
+    def warm_up(self) -> None:
+        """Every worker warms up (``Engine.warm_up``) at once: the first client pays neither a load nor
+        the kernels' first-call set-up, whichever worker it reaches."""
+        self._on_every_worker(m.WARM_UP, {})
+
+    def ready(self) -> bool:
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """None while the pool accepts requests and at least one worker serves."""
+        if not self._accepting:
+            return "the engine is shutting down"
+        if any(slot.live for slot in self._slots):
+            return None
+        down = "; ".join(f"{slot.label}: {slot.down_reason}" for slot in self._slots)
+        return f"no engine worker is running ({down})"
+
+    def tiers(self) -> list[TierUsage]:
+        """Every live worker's tiers, named ``worker<i>/<tier>`` (each worker has its own device tier and
+        KV cache; their host tiers account the shared bytes each maps)."""
+        out: list[TierUsage] = []
+        for slot, value in self._on_live_workers(m.TIERS, {}, None):
+            if isinstance(value, BaseException):
+                continue
+            out += [dataclasses.replace(t, name=f"worker{slot.index}/{t.name}") for t in value]
+        return out
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    async def aembed(
+        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
+    ) -> EmbedResult:
+        """Pooled embeddings of ``inputs``, computed by a worker. Raises as ``Engine.embed``."""
+        return await self._encode(m.EMBED, model, inputs, options)
+
+    async def aclassify(
+        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
+    ) -> ClassifyResult:
+        """Logits, labels and embeddings of ``inputs`` from a worker. Raises as ``Engine.classify``."""
+        return await self._encode(m.CLASSIFY, model, inputs, options)
+
+    async def _encode(self, op: str, model: str, inputs: Inputs, options: InferenceOptions) -> Any:
+        def prepare() -> list[list[int]]:
+            entry = self._ready_entry(model)
+            return encoder_ids(self.catalog, entry, model, inputs, classify=op == m.CLASSIFY)
+
+        ids = await self._prepared(model, inputs, prepare)
+        args = {"model": model, "inputs": ids, "options": options}
+        return await asyncio.wrap_future(self._submit(model, op, args))
+
+    async def acomplete(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """Start a completion on a worker; returns once it is admitted. Raises as ``Engine.complete``."""
+
+        def prepare() -> str | Sequence[int]:
+            self._generator(model)
+            return prompt_ids(self.catalog, model, prompt)
+
+        ids = await self._prepared(model, [prompt], prepare)
+        return await self._generate(model, ids, params, options)
+
+    async def achat(
+        self,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: GenerationParams = GenerationParams(),
+        options: InferenceOptions = InferenceOptions(),
+    ) -> Generation:
+        """Start a chat reply on a worker (rendered and tokenized here, on a thread). Raises as
+        ``Engine.chat``."""
+        ids = await asyncio.wrap_future(
+            self._preparers.submit(lambda: chat_ids(self.catalog, self._generator(model), model, messages))
+        )
+        return await self._generate(model, ids, params, options)
+
+    async def _generate(
+        self, model: str, ids: str | Sequence[int], params: GenerationParams, options: InferenceOptions
+    ) -> Generation:
+        args = {"model": model, "prompt": ids, "params": params, "options": options}
+        return await asyncio.wrap_future(self._submit(model, m.GENERATE, args))
+
+    async def _prepared(self, model: str, inputs: Sequence[Any], prepare: Callable[[], T]) -> T:
+        """``prepare()`` on the loop when it is cheap, else on the tokenizer threads."""
+        if cheap_to_prepare(self.catalog, model, inputs):
+            return prepare()
+        return await asyncio.wrap_future(self._preparers.submit(prepare))
+
+    def _ready_entry(self, model: str) -> CatalogEntry:
+        """The catalog entry of ``model`` if it can take requests now (NotReady, ModelNotFound otherwise)."""
+        if not self._accepting:
+            raise NotReady("the server is shutting down")
+        state, reason = self._state(model)  # also rejects a malformed name
+        entry = self.catalog.entry(model)
+        if state is not ModelState.READY:
+            raise NotReady(f"model {model!r} is not ready: {reason}")
+        return entry
+
+    def _generator(self, model: str) -> CatalogEntry:
+        entry = self._ready_entry(model)
+        if not entry.generates:
+            raise InvalidInput(f"model {model!r} does not generate text; use embeddings or infer")
+        return entry
+
+    def _submit(self, model: str, op: str, args: dict[str, Any]) -> Future[Any]:
+        """Send one request for ``model`` to the worker routing picks (NotReady when none is live)."""
+        with self._route_lock:
+            index = choose_worker(model, [slot.load() for slot in self._slots])
+            if index is None:
+                raise NotReady(f"no engine worker can take requests for {model!r}: {self.unready_reason()}")
+            return self._slots[index].submit(op, args, model)
+
+    # -- every worker ---------------------------------------------------------------------------------
+
+    def _on_live_workers(
+        self, op: str, args: dict[str, Any], timeout: float | None
+    ) -> list[tuple[WorkerSlot, Any]]:
+        """Send one call to every live worker at once; (worker, its result or error) for those that
+        answered within ``timeout``."""
+        sent: list[tuple[WorkerSlot, Future[Any]]] = []
+        for slot in self._slots:
+            try:
+                sent.append((slot, slot.submit(op, args)))
+            except NotReady:
+                continue  # died meanwhile
+        wait([f for _, f in sent], timeout)
+        out: list[tuple[WorkerSlot, Any]] = []
+        for slot, future in sent:
+            if not future.done():
+                future.cancel()
+                logger.warning("%s did not answer %s within %.1f s", slot.label, op, timeout or 0)
+            elif future.exception() is not None:
+                out.append((slot, future.exception()))
+            else:
+                out.append((slot, future.result()))
+        return out
+
+    def _on_every_worker(self, op: str, args: dict[str, Any]) -> None:
+        """Run one call on every live worker; raise the first error. NotReady when no worker is live."""
+        answers = self._on_live_workers(op, args, None)
+        if not answers:
+            raise NotReady(f"cannot {op.replace('_', ' ')}: {self.unready_reason()}")
+        for _, value in answers:
+            if isinstance(value, BaseException):
+                raise value
+
+    def _worker_metrics(self) -> Snapshot:
+        answers = self._on_live_workers(m.METRICS, {}, METRICS_TIMEOUT_SECONDS)
+        return [(str(slot.index), value) for slot, value in answers if not isinstance(value, BaseException)]
+
+    def _own_metrics(self) -> Iterable[Metric]:
+        return worker_families(
+            [WorkerVitals(str(s.index), s.live, s.pid, s.in_flight(), s.restarts) for s in self._slots]
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def close(self, drain_seconds: float = 30.0) -> None:
+        """Stop accepting requests; every worker finishes what it holds (up to ``drain_seconds``), closes
+        its engine and exits; then the shared-memory folder is removed."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        for slot in self._slots:
+            slot.request_close(drain_seconds)
+        deadline = time.monotonic() + drain_seconds + 15.0
+        for slot in self._slots:
+            slot.join(max(deadline - time.monotonic(), 0.1))
+        self._preparers.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.shared_memory, ignore_errors=True)
+        logger.info("engine workers stopped; removed %s", self.shared_memory)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _make_shared_folder() -> Path:
+    """A new folder for the shared host tier: on /dev/shm (a tmpfs) where there is one, named after this
+    process so that a folder left by a killed server can be told apart."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=f"ptmserve-{os.getpid()}-", dir=base))
