@@ -51,6 +51,7 @@ from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotRead
 from ptmserve.memory.manager import WeightManager
 from ptmserve.memory.placement import PLACEMENTS
 from ptmserve.memory.policy import RankedPolicy
+from ptmserve.memory.records import MemoryEvent
 from ptmserve.memory.sizes import parse_size
 from ptmserve.models.exits import exits_of
 from ptmserve.models.sampling import SamplingParams
@@ -156,6 +157,7 @@ class Engine:
             placement=self.placement,
             shared_memory=settings.shared_memory,
         )
+        self.weights.add_listener(self._on_load)
         self.generation = GenerationRunner(
             parse_size(settings.kv_cache_memory),
             settings.kv_block_size,
@@ -184,6 +186,10 @@ class Engine:
                 settings.host_memory,
             ),
         )
+
+    def _on_load(self, event: MemoryEvent) -> None:
+        if event.kind == "load" and event.tier == "device":
+            self.placement.loaded(event.model)
 
     def _refuse_zero_copy_mismatch(self) -> None:
         """Zero-copy computes in the stored dtype: a model stored otherwise is a configuration error."""

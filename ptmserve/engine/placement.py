@@ -1,10 +1,11 @@
 """The engine's placement: which load groups of each model stay in the host tier (``--placement``).
 
 ``Placement(manifest)`` is what the weight manager and the catalog ask. Under ``auto`` it places by the
-model's stored profile (``memory/placement.py`` has the rule); a model without a usable profile is
-placed like ``host-embeddings`` meanwhile and profiled on a background thread, once, with the quick
-profile (a second or so for MiniLM on 2 cores). The profile is stored in the repository, so later
-servers start with it; the new placement applies from the model's next load.
+model's stored profile (``memory/placement.py`` has the rule). A model without a usable profile is
+placed like ``host-embeddings`` meanwhile and, once it has been loaded (only models in use are
+profiled), profiled on a background thread with the quick profile (a second or so for MiniLM on 2
+cores). The profile is stored in the repository, so later servers start with it; the new placement
+applies from the model's next load.
 """
 
 from __future__ import annotations
@@ -53,14 +54,24 @@ class Placement:
         self.profiled: list[str] = []  # models this engine profiled, in order
 
     def __call__(self, manifest: ModelManifest) -> frozenset[str]:
+        """The host-placed groups of ``manifest``'s model (the weight manager and the catalog ask)."""
         if self.mode == DEVICE:
             return frozenset()
         profile = self.profile(manifest) if self.mode == AUTO else None
         return host_groups(self.mode, manifest.group_names(), profile)
 
+    def loaded(self, model: str) -> None:
+        """``model`` was loaded onto the device: under ``auto``, profile it if it has no profile yet (only
+        the models that are used get profiled). Quick; any thread."""
+        if not self._profile_missing:
+            return
+        with self._lock:
+            cached = self._profiles.get(model)
+        if cached is None or cached[1] is None:
+            self._enqueue(model)
+
     def profile(self, manifest: ModelManifest) -> ModelProfile | None:
-        """The stored profile of ``manifest``'s weights on this device and dtype, or None (queued for
-        profiling under ``auto``)."""
+        """The stored profile of ``manifest``'s weights on this device and dtype, or None."""
         with self._lock:
             cached = self._profiles.get(manifest.name)
         if cached is not None and cached[0] is manifest:
@@ -68,8 +79,6 @@ class Placement:
         found = self._read(manifest)
         with self._lock:
             self._profiles[manifest.name] = (manifest, found)
-        if found is None:
-            self._enqueue(manifest.name)
         return found
 
     def close(self) -> None:
@@ -88,8 +97,6 @@ class Placement:
         return found if found is not None and found.matches(*wanted) else None
 
     def _enqueue(self, name: str) -> None:
-        if not self._profile_missing:
-            return
         with self._lock:
             if name in self._queued:
                 return

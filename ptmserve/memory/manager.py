@@ -211,6 +211,11 @@ class WeightManager:
             )
             return Residency(record.device_ready(), self._on_host(record), loading)
 
+    def resident_models(self) -> frozenset[str]:
+        """The models on the device now, ready to run (cheaper than ``stats`` for a hot path)."""
+        with self._lock:
+            return frozenset(name for name, record in self._models.items() if record.device_ready())
+
     def device_bytes_needed(self, model: str) -> int:
         """Device bytes a load of ``model`` would add now: its tensors the device tier does not hold
         (tensors shared with resident models cost nothing). 0 when it is resident or loading."""

@@ -196,6 +196,8 @@ def serve_process(repo: Path, log: Path, *flags: str, start_seconds: float = 120
     """
     port = free_port()
     command = [sys.executable, "-m", "ptmserve.cli.main", "serve", "--repo", str(repo), "--port", str(port)]
+    if "--workers" not in flags:  # these tests are of the one-process server; the pool has its own
+        command += ["--workers", "1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*command, *flags], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=clean_env()

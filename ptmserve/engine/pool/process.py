@@ -161,12 +161,11 @@ class WorkerServer:
         return self.engine.tiers()
 
     def _state(self, with_unavailable: bool = False) -> m.WorkerState:
-        per_model = self.engine.weights.stats().device.per_model
         unavailable = None
         if with_unavailable:
             infos = self.engine.models()
             unavailable = {i.name: i.reason for i in infos if i.state is ModelState.UNAVAILABLE}
-        return m.WorkerState(frozenset(name for name, n in per_model.items() if n > 0), unavailable)
+        return m.WorkerState(self.engine.weights.resident_models(), unavailable)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
