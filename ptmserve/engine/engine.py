@@ -9,10 +9,8 @@ queue raises ``Overloaded`` then and there) and the caller waits on a future. Th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from ptmserve.engine.api import (
     ModelState,
     TierUsage,
 )
-from ptmserve.engine.catalog import CatalogEntry, ModelCatalog
+from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.generation import GenerationRunner, GenerationWork
 from ptmserve.engine.metrics import EngineMetrics
@@ -46,6 +44,7 @@ from ptmserve.engine.requests import (
 )
 from ptmserve.engine.runner import ModelRunner, Work
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
+from ptmserve.engine.states import ModelStates
 from ptmserve.engine.worker import Worker
 from ptmserve.errors import BudgetExceeded, InvalidConfig, InvalidInput, NotReady, PtmError
 from ptmserve.memory.manager import WeightManager
@@ -53,7 +52,6 @@ from ptmserve.memory.placement import PLACEMENTS
 from ptmserve.memory.policy import RankedPolicy
 from ptmserve.memory.records import MemoryEvent
 from ptmserve.memory.sizes import parse_size
-from ptmserve.models.exits import exits_of
 from ptmserve.models.sampling import SamplingParams
 from ptmserve.models.tokenizer import check_ids
 from ptmserve.store.manifest import dtype_name
@@ -137,11 +135,7 @@ class Engine:
             ),
         )
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._loaded: set[str] = set()  # under explicit control: the models loaded through the API
-        self._loading: set[str] = set()  # explicit loads in progress
-        self._failed: dict[str, str] = {}  # model -> why it cannot serve (budget, damage, failed load)
-        self._accepting = True
+        self.states = ModelStates(self.catalog, settings.model_control)
         self._refuse_zero_copy_mismatch()
         eviction = RankedPolicy()  # the weight manager evicts in the scheduler's order
         self.weights = WeightManager(
@@ -166,7 +160,7 @@ class Engine:
             clock=self._scheduler.clock,
         )
         self._runner = ModelRunner(
-            self.weights, self.catalog, self.device, self.generation, servable=self._servable
+            self.weights, self.catalog, self.device, self.generation, servable=self.states.servable
         )
         self._worker = Worker(
             self._scheduler, self._runner, self.weights, self.catalog, self.metrics, eviction=eviction
@@ -218,7 +212,7 @@ class Engine:
                 self.weights.check_budget(name)
             except PtmError as exc:
                 logger.error("model %s cannot be served: %s", name, exc.message)
-                self._failed[name] = exc.message
+                self.states.fail(name, exc.message)
 
     @classmethod
     def open(cls, repo_dir: str | Path = "models", **settings: object) -> Engine:
@@ -233,32 +227,7 @@ class Engine:
 
     def model_info(self, name: str) -> ModelInfo:
         """Raises ModelNotFound (InvalidInput for a malformed name)."""
-        state, reason = self._state(name)
-        info = self.catalog.info(name, state, reason)
-        if info.kind is not ModelKind.CLASSIFIER:
-            return info
-        exits = tuple(e.layer for e in exits_of(self.catalog.entry(name).config))
-        return dataclasses.replace(info, exits=exits) if exits else info
-
-    def _state(self, name: str) -> tuple[ModelState, str]:
-        damage = self.catalog.damage(name)
-        if damage is not None:
-            return ModelState.UNAVAILABLE, damage
-        with self._lock:
-            if name in self._loading:
-                return ModelState.LOADING, "an explicit load is in progress"
-            if name in self._failed:
-                return ModelState.UNAVAILABLE, self._failed[name]
-            if self.settings.model_control == "explicit" and name not in self._loaded:
-                return ModelState.UNAVAILABLE, "not loaded (explicit model control)"
-        return ModelState.READY, ""
-
-    def _servable(self, name: str) -> bool:
-        """Whether ``name`` may run or be prefetched now (the runner asks before touching its weights)."""
-        with self._lock:
-            if name in self._failed:
-                return False
-            return self.settings.model_control != "explicit" or name in self._loaded or name in self._loading
+        return self.states.info(name)
 
     def load(self, name: str) -> None:
         """Make ``name`` serve (under explicit control) and bring its weights onto the device now.
@@ -267,35 +236,18 @@ class Engine:
         Raises:
             ModelNotFound; CorruptData or NotReady when its weights cannot be loaded.
         """
-        self.catalog.refresh(force=True)
-        self.catalog.entry(name)
-        with self._lock:
-            self._loading.add(name)
 
         def load_now() -> None:
             self.weights.check_budget(name)
             with self.weights.acquire(name) as loaded:
                 loaded.wait()
 
-        try:
-            self._worker.control(load_now).result()
-        except Exception as exc:
-            with self._lock:
-                self._failed[name] = exc.message if isinstance(exc, PtmError) else str(exc)
-            raise
-        finally:
-            with self._lock:
-                self._loading.discard(name)
-        with self._lock:
-            self._failed.pop(name, None)
-            self._loaded.add(name)
+        self.states.load(name, lambda: self._worker.control(load_now).result())
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (under explicit control): its queued requests fail with NotReady, and its
         device and host bytes are freed. It stays unloaded: nothing reloads or prefetches it."""
-        self.catalog.entry(name)
-        with self._lock:
-            self._loaded.discard(name)
+        self.states.unload(name)
         if self.settings.model_control == "explicit":
             self._worker.drop(name, NotReady(f"model {name!r} was unloaded"))
         self._worker.control(lambda: self.weights.evict(name, host=True)).result()
@@ -311,8 +263,7 @@ class Engine:
                 self.embed(info.name, ["warm up"], InferenceOptions(priority=2, timeout_us=300_000_000))
             except PtmError as exc:
                 logger.error("model %s cannot be served: %s", info.name, exc.message)
-                with self._lock:
-                    self._failed[info.name] = exc.message
+                self.states.fail(info.name, exc.message)
                 continue
             logger.info("warmed up %s", info.name)
             return
@@ -323,7 +274,7 @@ class Engine:
 
     def unready_reason(self) -> str | None:
         """Why the engine cannot take requests now (for the readiness probe), or None when it can."""
-        if not self._accepting:
+        if not self.states.accepting:
             return "the engine is shutting down"
         if not self._worker.alive():
             return self._worker.failure or "the step loop is not running"
@@ -386,21 +337,6 @@ class Engine:
             raise
         return await asyncio.wrap_future(result)
 
-    def _ready_entry(self, model: str) -> CatalogEntry:
-        """The catalog entry of ``model`` if it can take requests now.
-
-        Raises:
-            NotReady (shutting down, or the model is not READY), ModelNotFound, CorruptData, InvalidInput
-            (a malformed name).
-        """
-        if not self._accepting:
-            raise NotReady("the server is shutting down")
-        state, reason = self._state(model)  # also rejects a malformed name
-        entry = self.catalog.entry(model)
-        if state is not ModelState.READY:
-            raise NotReady(f"model {model!r} is not ready: {reason}")
-        return entry
-
     def _request(
         self, model: str, options: InferenceOptions, tokens: int, payload: object, **fields: Any
     ) -> Request:
@@ -419,7 +355,7 @@ class Engine:
         )
 
     def _submit(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Future:
-        entry = self._ready_entry(model)
+        entry = self.states.ready_entry(model)
         token_ids = encoder_ids(self.catalog, entry, model, inputs, classify=classify)
         lengths = tuple(len(x) for x in token_ids)
         work = Work(token_ids, classify, early_exit=options.early_exit)
@@ -451,7 +387,7 @@ class Engine:
             ModelNotFound, NotReady, Overloaded (its queue is full), DeadlineExceeded.
             BudgetExceeded: the prompt plus ``max_tokens`` can never fit the KV cache budget.
         """
-        self._generator(model)
+        self.states.generator(model)
         if isinstance(prompt, str):
             ids = prompt_ids(self.catalog, model, prompt)
         else:
@@ -471,7 +407,7 @@ class Engine:
         """Start the assistant's reply to ``messages`` (``{"role": ..., "content": ...}`` dicts), rendered
         with the model's own chat template. Raises as ``complete``; also ``InvalidInput`` for malformed
         messages or a model without a chat template."""
-        entry = self._generator(model)
+        entry = self.states.generator(model)
         return self._generate(model, chat_ids(self.catalog, entry, model, messages), params, options)
 
     async def acomplete(
@@ -495,13 +431,6 @@ class Engine:
     ) -> Generation:
         """``chat`` for asyncio (rendered and tokenized on a thread pool)."""
         return await _prepared(self._preparers.submit(self.chat, model, messages, params, options))
-
-    def _generator(self, model: str) -> CatalogEntry:
-        """The catalog entry of ``model`` if it is a text generation model that can serve now."""
-        entry = self._ready_entry(model)
-        if not entry.generates:
-            raise InvalidInput(f"model {model!r} does not generate text; use embeddings or infer")
-        return entry
 
     def _generate(
         self, model: str, ids: list[int], params: GenerationParams, options: InferenceOptions
@@ -535,9 +464,9 @@ class Engine:
 
     def close(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting requests, finish those in flight (up to ``drain_seconds``), free the tiers."""
-        if not self._accepting:
+        if not self.states.accepting:
             return
-        self._accepting = False
+        self.states.accepting = False
         if not self._worker.stop(drain_seconds):
             logger.warning("requests still running after %.1f s of draining", drain_seconds)
         self._preparers.shutdown(wait=False, cancel_futures=True)

@@ -36,11 +36,10 @@ from ptmserve.engine.api import (
     GenerationParams,
     InferenceOptions,
     ModelInfo,
-    ModelKind,
-    ModelState,
     TierUsage,
 )
-from ptmserve.engine.catalog import CatalogEntry, ModelCatalog
+from ptmserve.engine.catalog import ModelCatalog
+from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.engine import EngineSettings
 from ptmserve.engine.pool import messages as m
 from ptmserve.engine.pool.metrics import PoolMetrics, Snapshot, WorkerVitals, worker_families
@@ -48,8 +47,9 @@ from ptmserve.engine.pool.process import WorkerSpec
 from ptmserve.engine.pool.routing import choose_worker
 from ptmserve.engine.pool.slot import START_SECONDS, WorkerSlot
 from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
-from ptmserve.errors import InvalidConfig, InvalidInput, NotReady, PtmError
-from ptmserve.models.exits import exits_of
+from ptmserve.engine.states import ModelStates
+from ptmserve.errors import InvalidConfig, NotReady
+from ptmserve.store.manifest import dtype_name
 from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Inputs = Sequence[str] | Sequence[Sequence[int]]
 METRICS_TIMEOUT_SECONDS = 2.0  # a worker that does not send its metrics by then is left out of /metrics
-NOT_LOADED = "not loaded (explicit model control)"
 
 
 class WorkerPool:
@@ -83,12 +82,11 @@ class WorkerPool:
                 f"workers and threads_per_worker must be >= 1, got {workers} and {threads_per_worker}"
             )
         self.settings = settings
-        self._accepting = True
-        self._lock = threading.Lock()  # guards the explicit-control sets below
         self._route_lock = threading.Lock()  # one routing decision (and its registration) at a time
-        self._loaded: set[str] = set()  # under explicit control: models loaded through the API
-        self._loading: set[str] = set()
-        self._failed: dict[str, str] = {}  # model -> why its last explicit load failed
+        self.device = resolve_device(settings.device)  # as each worker's engine resolves them
+        self.dtype = dtype_name(resolve_dtype(settings.dtype, self.device))
+        self.catalog = ModelCatalog(Repository(Path(repo_dir)), self.dtype, truncate=settings.truncate)
+        self.states = ModelStates(self.catalog, settings.model_control, unavailable=self._unavailable)
         self.shared_memory = _make_shared_folder()
         worker_settings = dataclasses.replace(settings, shared_memory=str(self.shared_memory))
         context = multiprocessing.get_context("spawn")  # never fork a process holding torch and threads
@@ -104,20 +102,18 @@ class WorkerPool:
         ]
         self._preparers = ThreadPoolExecutor(2, thread_name_prefix="ptmserve-tokenize")
         try:
-            hello = self._start_workers(start_seconds)
+            self._start_workers(start_seconds)
         except BaseException:
             self.close(drain_seconds=0)
             raise
-        self.device, self.dtype = hello.device, hello.dtype
-        self.catalog = ModelCatalog(Repository(Path(repo_dir)), hello.dtype, truncate=settings.truncate)
         self.metrics = PoolMetrics(self._worker_metrics, self._own_metrics)
         logger.info(
             "%d engine workers (%d thread(s) each) on %s in %s; host tier shared in %s",
             *(workers, threads_per_worker, self.device, self.dtype, self.shared_memory),
         )
 
-    def _start_workers(self, start_seconds: float) -> m.Hello:
-        """Start every worker at once and wait until each said Hello; the first Hello."""
+    def _start_workers(self, start_seconds: float) -> None:
+        """Start every worker at once and wait until each said Hello."""
         for slot in self._slots:
             slot.start()
         deadline = time.monotonic() + start_seconds
@@ -126,9 +122,6 @@ class WorkerPool:
                 raise NotReady(f"{slot.label} did not start within {start_seconds:.0f} s")
             if slot.start_error is not None:
                 raise slot.start_error
-        hello = self._slots[0].hello
-        assert hello is not None
-        return hello
 
     @property
     def pids(self) -> list[int | None]:
@@ -143,35 +136,19 @@ class WorkerPool:
 
     def model_info(self, name: str) -> ModelInfo:
         """Raises ModelNotFound (InvalidInput for a malformed name)."""
-        state, reason = self._state(name)
-        info = self.catalog.info(name, state, reason)
-        if info.kind is not ModelKind.CLASSIFIER:
-            return info
-        exits = tuple(e.layer for e in exits_of(self.catalog.entry(name).config))
-        return dataclasses.replace(info, exits=exits) if exits else info
+        return self.states.info(name)
 
-    def _state(self, name: str) -> tuple[ModelState, str]:
-        """``Engine._state`` for the pool: the front end's own view, then what the live workers refuse."""
-        damage = self.catalog.damage(name)
-        if damage is not None:
-            return ModelState.UNAVAILABLE, damage
-        with self._lock:
-            if name in self._loading:
-                return ModelState.LOADING, "an explicit load is in progress"
-            if name in self._failed:
-                return ModelState.UNAVAILABLE, self._failed[name]
-            if self.settings.model_control == "explicit" and name not in self._loaded:
-                return ModelState.UNAVAILABLE, NOT_LOADED
+    def _unavailable(self, name: str) -> str | None:
+        """Why a live worker refuses ``name`` (a budget it can never fit there, a failed load), or None."""
         for slot in self._slots:
             reason = (slot.state.unavailable or {}).get(name) if slot.live else None
             if reason is not None:
-                return ModelState.UNAVAILABLE, reason
-        return ModelState.READY, ""
+                return reason
+        return None
 
     def _models_to_replay(self) -> list[str]:
         """The models a fresh worker must load before it serves (explicit control only)."""
-        with self._lock:
-            return sorted(self._loaded | self._loading)
+        return self.states.loaded()
 
     def load(self, name: str) -> None:
         """Load ``name`` in every worker (under explicit control, make it serve); LOADING meanwhile.
@@ -180,28 +157,11 @@ class WorkerPool:
         Raises:
             ModelNotFound; CorruptData or NotReady when a worker cannot load it.
         """
-        self.catalog.refresh(force=True)
-        self.catalog.entry(name)
-        with self._lock:
-            self._loading.add(name)
-        try:
-            self._on_every_worker(m.LOAD, {"name": name})
-        except Exception as exc:
-            with self._lock:
-                self._failed[name] = exc.message if isinstance(exc, PtmError) else str(exc)
-            raise
-        finally:
-            with self._lock:
-                self._loading.discard(name)
-        with self._lock:
-            self._failed.pop(name, None)
-            self._loaded.add(name)
+        self.states.load(name, lambda: self._on_every_worker(m.LOAD, {"name": name}))
 
     def unload(self, name: str) -> None:
         """Stop serving ``name`` (under explicit control) in every worker and free its bytes there."""
-        self.catalog.entry(name)
-        with self._lock:
-            self._loaded.discard(name)
+        self.states.unload(name)
         self._on_every_worker(m.UNLOAD, {"name": name})
 
     def warm_up(self) -> None:
@@ -214,7 +174,7 @@ class WorkerPool:
 
     def unready_reason(self) -> str | None:
         """None while the pool accepts requests and at least one worker serves."""
-        if not self._accepting:
+        if not self.states.accepting:
             return "the engine is shutting down"
         if any(slot.live for slot in self._slots):
             return None
@@ -247,7 +207,7 @@ class WorkerPool:
 
     async def _encode(self, op: str, model: str, inputs: Inputs, options: InferenceOptions) -> Any:
         def prepare() -> list[list[int]]:
-            entry = self._ready_entry(model)
+            entry = self.states.ready_entry(model)
             return encoder_ids(self.catalog, entry, model, inputs, classify=op == m.CLASSIFY)
 
         ids = await self._prepared(model, inputs, prepare)
@@ -264,7 +224,7 @@ class WorkerPool:
         """Start a completion on a worker; returns once it is admitted. Raises as ``Engine.complete``."""
 
         def prepare() -> str | Sequence[int]:
-            self._generator(model)
+            self.states.generator(model)
             return prompt_ids(self.catalog, model, prompt)
 
         ids = await self._prepared(model, [prompt], prepare)
@@ -280,7 +240,9 @@ class WorkerPool:
         """Start a chat reply on a worker (rendered and tokenized here, on a thread). Raises as
         ``Engine.chat``."""
         ids = await asyncio.wrap_future(
-            self._preparers.submit(lambda: chat_ids(self.catalog, self._generator(model), model, messages))
+            self._preparers.submit(
+                lambda: chat_ids(self.catalog, self.states.generator(model), model, messages)
+            )
         )
         return await self._generate(model, ids, params, options)
 
@@ -295,22 +257,6 @@ class WorkerPool:
         if cheap_to_prepare(self.catalog, model, inputs):
             return prepare()
         return await asyncio.wrap_future(self._preparers.submit(prepare))
-
-    def _ready_entry(self, model: str) -> CatalogEntry:
-        """The catalog entry of ``model`` if it can take requests now (NotReady, ModelNotFound otherwise)."""
-        if not self._accepting:
-            raise NotReady("the server is shutting down")
-        state, reason = self._state(model)  # also rejects a malformed name
-        entry = self.catalog.entry(model)
-        if state is not ModelState.READY:
-            raise NotReady(f"model {model!r} is not ready: {reason}")
-        return entry
-
-    def _generator(self, model: str) -> CatalogEntry:
-        entry = self._ready_entry(model)
-        if not entry.generates:
-            raise InvalidInput(f"model {model!r} does not generate text; use embeddings or infer")
-        return entry
 
     def _submit(self, model: str, op: str, args: dict[str, Any]) -> Future[Any]:
         """Send one request for ``model`` to the worker routing picks (NotReady when none is live)."""
@@ -368,9 +314,9 @@ class WorkerPool:
     def close(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting requests; every worker finishes what it holds (up to ``drain_seconds``), closes
         its engine and exits; then the shared-memory folder is removed."""
-        if not self._accepting:
+        if not self.states.accepting:
             return
-        self._accepting = False
+        self.states.accepting = False
         for slot in self._slots:
             slot.request_close(drain_seconds)
         deadline = time.monotonic() + drain_seconds + 15.0
