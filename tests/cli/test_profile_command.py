@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from ptmserve.cli.profile import add_parser, cmd_profile
 from ptmserve.engine.profiling import stored_profile
@@ -19,12 +17,7 @@ from tests.memory.helpers import add_model, tiny_config
 FAST = ("--shapes", "1x4,2x8", "--repeats", "1", "--dtype", "float32")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def parse(*args: str | Path) -> argparse.Namespace:

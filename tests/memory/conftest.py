@@ -36,11 +36,5 @@ def make_manager(repo: Repository) -> Iterator[Callable[..., WeightManager]]:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only add spin-waiting."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every memory test runs on one torch thread (``tests/conftest.py``)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -30,12 +28,7 @@ NEVER = (ExitSpec(1, 2.0), ExitSpec(2, 2.0, "max_prob"))  # max_prob never reach
 LAST = 3  # the tiny models have 4 layers: full depth reports layer 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
