@@ -4,7 +4,8 @@
 - ``CudaCopyEngine``: copies on a side stream, fences as CUDA events, ordering after queued kernels;
 - the pinned host tier and the CUDA device tier of ``WeightManager``;
 - switching between models through every tier, pipelined or not, via ``WeightManager`` and ``Engine``;
-- pipelined loading: a cold model's first request starts before its later layers are read.
+- pipelined loading: a cold model's first request starts before its later layers are read;
+- placement: host-placed embeddings compute on the CPU and hand their activations to the GPU.
 
 Skipped without CUDA: ``scripts/gpu-check`` runs them on a machine with a GPU.
 """
@@ -242,6 +243,32 @@ def test_switching_on_cuda_gives_cpu_float32_results(
     assert len(device_loads) > len(BERT_LIKE)  # models came back after being evicted
     assert any(e.kind == "evict" and e.tier == "device" for e in events)
     assert any(e.kind == "evict" and e.tier == "host" for e in events)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_host_placed_embeddings_on_cuda_give_cpu_float32_results(
+    repo_dir: Path, managers: list[Any], dtype: str
+) -> None:
+    """ECTransformer's partition: the embeddings gather on the host, their activations cross to the GPU."""
+    from ptmserve.store.repository import Repository
+
+    refs = cpu_references(repo_dir, managers)
+    m = manager(
+        managers,
+        Repository(repo_dir),
+        device="cuda",
+        dtype=dtype,
+        placement=lambda mf: frozenset({"embeddings"}),
+    )
+    for name in BERT_LIKE:
+        emb, logits = run(m, name, ids_batch(CUDA), "cls" in name)
+        close_to(emb, refs[name][0], dtype)
+        if refs[name][1] is not None:
+            assert logits is not None
+            close_to(logits, refs[name][1], dtype)
+        record = m._models[name]
+        assert "embeddings.word.weight" not in record.device_specs  # the table stayed in the host tier
+        assert m.placed_bytes(name) < sizes(repo_dir)[name] * (1 if dtype == "float32" else 0.5)
 
 
 class GatedRepo:
