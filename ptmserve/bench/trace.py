@@ -3,7 +3,9 @@
 ``--mode sim`` plays the trace through the real ``Scheduler`` on the simulator (``ptmserve.engine.simulator``)
 with a device profile (measured on this machine, a named preset, or a JSON file). ``--mode real`` replays it
 in real time against the real engine through ``EngineTarget`` (the engine side lives in
-``ptmserve.bench.trace_real.open_target``).
+``ptmserve.bench.trace_real.open_target``), from a load-generator process (``trace_loadgen``).
+``--capacity`` searches each policy's capacity instead (``trace_capacity``); ``--calibrate yes`` fits the
+twin's profile under traffic first (``trace_calibrate``). The tables are ``trace_report``'s.
 
 For each policy it reports goodput (requests completed within their deadline per second of trace),
 outcomes, switches (loads onto the device, prefetches included), bytes loaded, and p50/p99 latency per
@@ -25,17 +27,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Protocol
 
+from ptmserve.bench.trace_report import (  # noqa: F401 - re-exported: the report's helpers lived here
+    TARGETS,
+    _agreement,
+    _pct_diff,
+    _placement_line,
+    _placement_ratios,
+    _ratios,
+    format_placements,
+    format_table,
+    summarize,
+)
 from ptmserve.bench.workload import WorkloadSpec, generate, rate_for_load
 from ptmserve.engine.costs import PROFILES, CostModel, DeviceProfile
 from ptmserve.engine.policies import PolicyName, make_policy
-from ptmserve.engine.requests import ClassDefaults, Outcome, RequestClass, deadline_from, request_class
+from ptmserve.engine.requests import ClassDefaults, Outcome, deadline_from, request_class
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.simulator import Arrival, Record, SimClock, SimConfig, simulate
 from ptmserve.errors import DeadlineExceeded, Overloaded
@@ -45,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 MINILM_BYTES = 90_852_864  # all-MiniLM-L6-v2 fp32 weights
 POLICIES = [p.value for p in PolicyName]
-TARGETS = {"switches": 4.5, "timeouts": 13.0, "goodput": 2.0}  # fifo-lru / ours, ours / fifo-lru
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +110,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"({', '.join(PLACEMENTS)}); the first fills the top-level figures (default: %(default)s)",
     )
     p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="search each policy's capacity (the highest offered rate at which >= 99%% of real-time and >= "
+        "95%% of batch requests meet their deadlines); real mode also calibrates and runs the sim-vs-real "
+        "agreement (trace_capacity.py)",
+    )
+    p.add_argument(
+        "--probe-seconds",
+        type=float,
+        help="--capacity: trace seconds per probe (default: 20 real, 600 sim)",
+    )
+    p.add_argument(
+        "--probes", type=int, help="--capacity: probes per policy at most (default: 5 real, 16 sim)"
+    )
+    p.add_argument(
+        "--calibrate",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="real mode: fit the per-request cost and copy slowdown through the engine before the runs "
+        "(auto: with --capacity)",
+    )
+    p.add_argument(
+        "--loadgen",
+        choices=("process", "inline"),
+        default="process",
+        help="real mode: replay from a process of its own (default), or from the bench's event loop",
+    )
+    p.add_argument(
         "--host-share",
         type=float,
         help="sim: share of a model's bytes that host-embeddings and auto leave in the host tier "
@@ -141,9 +180,18 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Run every selected policy under every selected placement on the same trace; print tables; return
-    the results (JSON-ready)."""
+    the results (JSON-ready). ``--capacity`` runs the capacity search instead (``trace_capacity``)."""
+    if getattr(args, "capacity", False):
+        from ptmserve.bench.trace_capacity import run_capacity
+
+        return run_capacity(args)
     placements = _placements(args.placement)
     spec, profile, arrivals = build_trace(args)
+    calibration = None
+    if args.mode == "real" and getattr(args, "calibrate", "auto") == "yes":
+        from ptmserve.bench.trace_calibrate import calibrate
+
+        profile, calibration = calibrate(spec, profile, args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     device_models = args.device_models or (4 if args.mode == "real" else 16)
     limits = SchedulerLimits(
@@ -197,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "max_batch_tokens": limits.max_batch_tokens,
         },
         "predictive_baselines": bool(args.predictive_baselines),
+        "calibration": calibration,
         "placement": placements[0],  # the placement of the top-level figures
         "policies": first["policies"],
         "vs_fifo_lru": first["vs_fifo_lru"],
@@ -252,23 +301,6 @@ def placed_sizes(
 
         share, groups = host_share(placement)
     return {m: round(args.model_bytes * (1 - share)) for m in names}, groups
-
-
-def _agreement(
-    real: Mapping[str, Mapping[str, object]], sim: Mapping[str, Mapping[str, object]]
-) -> dict[str, dict[str, float | None]]:
-    """Relative difference (sim - real) / real of switches and timeouts, per policy."""
-    out: dict[str, dict[str, float | None]] = {}
-    for name in real:
-        out[name] = {}
-        for key in ("switches", "timeouts"):
-            r, s = float(real[name][key]), float(sim[name][key])  # type: ignore[arg-type]
-            out[name][key] = None if r == 0 else round((s - r) / r, 4)
-    return out
-
-
-def _pct_diff(x: float | None) -> str:
-    return "n/a (real is 0)" if x is None else f"{x:+.1%}"
 
 
 def _run_sim(
@@ -354,21 +386,51 @@ def run_real(
     spec: WorkloadSpec,
     device_models: int,
     args: argparse.Namespace,
+    *,
+    observe: Callable[[EngineTarget], None] | None = None,
 ) -> dict[str, object]:
-    """Replay ``arrivals`` in real time against the engine ``open_target`` opens; summarise like the sim."""
+    """Replay ``arrivals`` in real time against the engine ``open_target`` opens; summarise like the sim.
+
+    The replay runs in a process of its own (``trace_loadgen``) unless ``args.loadgen`` is "inline";
+    the summary's ``loadgen`` then says what the generator cost. ``observe(target)`` is called once the
+    engine is ready, before the replay (the calibration attaches its step recorder there).
+    """
+    from ptmserve.bench.trace_loadgen import LoadGenerator
+
     defaults = ClassDefaults(
         realtime_timeout_s=spec.realtime_timeout_ms / 1e3, batch_timeout_s=spec.batch_timeout_ms / 1e3
     )
+    inline = getattr(args, "loadgen", "process") == "inline"
 
     async def main() -> dict[str, object]:
-        async with open_target(policy, spec, device_models, args) as target:
-            before = dict(target.counters())
-            records = await replay(arrivals, target, defaults)
-            after = dict(target.counters())
+        generator = None if inline else LoadGenerator(arrivals, defaults)  # spawned before the engine
+        try:
+            async with open_target(policy, spec, device_models, args) as target:
+                if observe is not None:
+                    observe(target)
+                before = dict(target.counters())
+                if generator is None:
+                    records, load = await replay(arrivals, target, defaults), None
+                else:
+                    load = await generator.serve(target)
+                    records = load.records
+                after = dict(target.counters())
+        finally:
+            if generator is not None:
+                generator.close()
         counters = {k: v - before.get(k, 0) for k, v in after.items()}
         counters.setdefault("loads", 0)
         counters.setdefault("loaded_bytes", 0)
-        return summarize(records, spec.duration_s, counters)
+        out = summarize(records, spec.duration_s, counters)
+        if load is not None:
+            out["loadgen"] = {
+                "cpu_seconds": round(load.cpu_seconds, 3),
+                "cpu_per_request_s": round(load.cpu_per_request_s, 7),
+                "cpu_share_of_one_core": round(load.cpu_seconds / max(load.wall_seconds, 1e-9), 4),
+                "send_lag_p50_s": round(load.send_lag_p50_s, 6),
+                "send_lag_max_s": round(load.send_lag_max_s, 6),
+            }
+        return out
 
     return asyncio.run(main())
 
@@ -407,144 +469,3 @@ async def replay(
         tasks.append(asyncio.ensure_future(one(a, rec)))
     await asyncio.gather(*tasks)
     return records
-
-
-def summarize(records: Sequence[Record], duration: float, counters: Mapping[str, float]) -> dict[str, object]:
-    """The per-policy figures of one run: outcomes, goodput, latency per class, and ``counters``."""
-    out: dict[str, object] = {k: counters[k] for k in counters}
-    outcomes = {o.value: 0 for o in Outcome}
-    for r in records:
-        outcomes[(r.outcome or Outcome.ERROR).value] += 1
-    out["outcomes"] = outcomes
-    out["switches"] = counters.get("loads", 0)
-    out["timeouts"] = outcomes[Outcome.TIMEOUT.value]
-    out["goodput_rps"] = round(outcomes[Outcome.SUCCESS.value] / duration, 4) if duration > 0 else 0.0
-    classes: dict[str, object] = {}
-    for cls in RequestClass:
-        mine = [r for r in records if r.cls is cls]
-        lat = sorted(
-            (r.finish - r.arrival) if r.outcome is Outcome.SUCCESS and r.finish is not None else math.inf
-            for r in mine
-        )
-        ok = [x for x in lat if math.isfinite(x)]
-        classes[cls.name.lower()] = {
-            "requests": len(mine),
-            "success": len(ok),
-            "p50_s": _finite(_pct(lat, 50)),
-            "p99_s": _finite(_pct(lat, 99)),
-            "success_p99_s": _finite(_pct(ok, 99)),
-        }
-    out["classes"] = classes
-    return out
-
-
-def _pct(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, math.ceil(q / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
-def _finite(x: float) -> float | None:
-    """JSON-safe: None stands for "missed" (infinitely late) or undefined."""
-    return round(x, 6) if math.isfinite(x) else None
-
-
-def _ratios(results: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, float | str | None]]:
-    base = results.get("fifo-lru")
-    if base is None:
-        return {}
-    out: dict[str, dict[str, float | str | None]] = {}
-    for name, r in results.items():
-        out[name] = {
-            "switches_fewer": _div(base["switches"], r["switches"]),  # type: ignore[arg-type]
-            "timeouts_fewer": _div(base["timeouts"], r["timeouts"]),  # type: ignore[arg-type]
-            "goodput_gain": _div(r["goodput_rps"], base["goodput_rps"]),  # type: ignore[arg-type]
-        }
-    return out
-
-
-def _div(a: float, b: float) -> float | str | None:
-    """``a / b``; "inf" (JSON-safe) when only ``b`` is 0; None when both are."""
-    if b == 0:
-        return None if a == 0 else "inf"
-    return round(a / b, 3)
-
-
-def format_table(report: Mapping[str, object]) -> str:
-    """A plain-text table of ``report`` (what ``run`` prints)."""
-    w = report["workload"]
-    lines = [
-        f"trace: {report['requests']} requests, {w['models']} models, {w['duration_s']:.0f} s, "  # type: ignore[index]
-        f"device budget {report['device_models']} models, mode {report['mode']}",
-        f"{'policy':<10} {'goodput/s':>9} {'success':>8} {'timeout':>8} {'reject':>7} {'switches':>9} "
-        f"{'GB loaded':>9} {'rt p50':>8} {'rt p99':>8} {'batch p50':>9} {'batch p99':>9}",
-    ]
-    ratios = report["vs_fifo_lru"]
-    for name, r in report["policies"].items():  # type: ignore[attr-defined]
-        o, c = r["outcomes"], r["classes"]
-        lines.append(
-            f"{name:<10} {r['goodput_rps']:>9.2f} {o['success']:>8} {o['timeout']:>8} {o['rejected']:>7} "
-            f"{r['switches']:>9} {r['loaded_bytes'] / 1e9:>9.2f} {_ms(c['realtime']['p50_s']):>8} "
-            f"{_ms(c['realtime']['p99_s']):>8} {_ms(c['batch']['p50_s']):>9} {_ms(c['batch']['p99_s']):>9}"
-        )
-    for name, q in ratios.items():  # type: ignore[attr-defined]
-        if name != "fifo-lru":
-            lines.append(
-                f"{name} vs fifo-lru: switches {_x(q['switches_fewer'])} fewer "
-                f"(target {TARGETS['switches']}x), "
-                f"timeouts {_x(q['timeouts_fewer'])} fewer (target {TARGETS['timeouts']}x), "
-                f"goodput {_x(q['goodput_gain'])} (target {TARGETS['goodput']}x)"
-            )
-    return "\n".join(lines)
-
-
-def _placement_ratios(
-    base: Mapping[str, object], other: Mapping[str, object]
-) -> dict[str, dict[str, float | str | None]]:
-    """Per policy, ``other``'s switches, timeouts and goodput against ``base``'s (same trace and budget)."""
-    out: dict[str, dict[str, float | str | None]] = {}
-    for name, r in other["policies"].items():  # type: ignore[attr-defined]
-        b = base["policies"][name]  # type: ignore[index]
-        out[name] = {
-            "switches_fewer": _div(b["switches"], r["switches"]),
-            "timeouts_fewer": _div(b["timeouts"], r["timeouts"]),
-            "goodput_gain": _div(r["goodput_rps"], b["goodput_rps"]),
-        }
-    return out
-
-
-def _placement_line(placement: str, r: Mapping[str, object], full: int) -> str:
-    groups = ", ".join(r["host_groups"]) or "none"  # type: ignore[arg-type]
-    return (
-        f"placement {placement}: on the host: {groups}; {r['model_bytes'] / 1e6:.1f} MB per model on the "  # type: ignore[operator]
-        f"device of {full / 1e6:.1f} MB ({r['saving']:.1%} saved); the budget of "
-        f"{r['device_budget_bytes'] / 1e6:.0f} MB holds {r['models_resident']} models"  # type: ignore[operator]
-    )
-
-
-def format_placements(report: Mapping[str, object]) -> str:
-    """Every placement side by side, per policy: device bytes, models per budget, switches, goodput."""
-    first = report["placement"]
-    lines = [
-        f"{'placement':<16} {'policy':<10} {'MB/model':>8} {'resident':>8} {'switches':>8} {'GB loaded':>9} "
-        f"{'timeouts':>8} {'goodput/s':>9} {'switches fewer':>14} {'goodput gain':>12}  (vs {first})"
-    ]
-    for placement, r in report["placements"].items():  # type: ignore[attr-defined]
-        q = report["placement_vs_first"].get(placement, {})  # type: ignore[attr-defined]
-        for name, p in r["policies"].items():
-            ratio = q.get(name, {"switches_fewer": 1.0, "goodput_gain": 1.0})
-            lines.append(
-                f"{placement:<16} {name:<10} {r['model_bytes'] / 1e6:>8.1f} {r['models_resident']:>8} "
-                f"{p['switches']:>8} {p['loaded_bytes'] / 1e9:>9.2f} {p['timeouts']:>8} "
-                f"{p['goodput_rps']:>9.2f} {_x(ratio['switches_fewer']):>14} {_x(ratio['goodput_gain']):>12}"
-            )
-    return "\n".join(lines)
-
-
-def _ms(x: float | None) -> str:
-    return "miss" if x is None else f"{x * 1e3:.0f}ms"
-
-
-def _x(x: float | str | None) -> str:
-    return "n/a" if x is None else (f"{x:.2f}x" if isinstance(x, float) else str(x))

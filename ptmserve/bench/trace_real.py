@@ -257,3 +257,55 @@ def measure_profile(spec: WorkloadSpec, repeats: int = 5) -> DeviceProfile:
         notes=f"measured through the engine: MiniLM-shaped bf16, load median {load_median:.4f} s, "
         f"exec {a * 1e3:.2f} ms + {b * 1e6:.1f} us/token",
     )
+
+
+def measure_contention(spec: WorkloadSpec, repeats: int = 9, tokens: int = 96) -> dict[str, float]:
+    """How much a copy onto the device slows compute that runs meanwhile, through the engine's weights.
+
+    A batch of ``tokens`` tokens on one resident model, timed alone and while another model's weights
+    are copied from the host tier onto the device (started just before the batch), interleaved; the
+    slowdown is the extra batch time per second of copy that overlapped it (0: the copy is free, 1: the
+    copy and the compute take turns on the same cores).
+    """
+    repo = _repository(spec)
+    names = spec.model_names()[:2]
+    params = model_bytes() // 2
+    engine = Engine(repo, EngineSettings(dtype="bfloat16", device_memory=4 * params, host_memory="4GiB"))
+    alone: list[float] = []
+    during: list[float] = []
+    loads: list[float] = []
+    try:
+        weights = engine.weights
+        for name in names:
+            weights.prefetch(name, tier="host")
+        rng = random.Random(1)
+        batch = pack([[rng.randrange(3, MINILM.vocab_size) for _ in range(tokens)]], position_offset=0)
+        other = names[1]
+        with weights.acquire(names[0]) as loaded:
+            loaded.wait()
+            loaded.run(batch)  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                loaded.run(batch)
+                alone.append(time.perf_counter() - t0)
+                weights.evict(other)
+                while not weights.residency(other).on_host or weights.residency(other).loading:
+                    time.sleep(0.005)
+                t0 = time.perf_counter()
+                weights.prefetch(other)
+                loaded.run(batch)
+                during.append(time.perf_counter() - t0)
+                while not weights.residency(other).on_device:
+                    time.sleep(0.001)
+                loads.append(time.perf_counter() - t0)  # an upper bound of the copy's length
+    finally:
+        engine.close()
+    t_alone, t_during, t_load = statistics.median(alone), statistics.median(during), statistics.median(loads)
+    overlap = min(t_during, t_load)
+    slowdown = min(max((t_during - t_alone) / overlap, 0.0), 1.0) if overlap > 0 else 0.0
+    return {
+        "batch_alone_s": round(t_alone, 6),
+        "batch_during_copy_s": round(t_during, 6),
+        "copy_s": round(t_load, 6),
+        "slowdown": round(slowdown, 4),
+    }

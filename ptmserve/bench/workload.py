@@ -23,7 +23,7 @@ import bisect
 import itertools
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ptmserve.engine.simulator import Arrival
 
@@ -87,8 +87,18 @@ def rate_for_load(spec: WorkloadSpec, load: float, seconds_per_token: float) -> 
     return max(tokens_per_s / spec.mean_tokens() - burst, 0.0)
 
 
-def generate(spec: WorkloadSpec) -> list[Arrival]:
-    """The trace of ``spec``, sorted by time. The same spec (seed included) gives the same trace."""
+def generate(spec: WorkloadSpec, *, even_bursts: bool = False) -> list[Arrival]:
+    """The trace of ``spec``, sorted by time. The same spec (seed included) gives the same trace.
+
+    ``even_bursts`` (the capacity probes): ``round(duration / burst_every_s)`` bursts (at least one),
+    evenly spaced, their models and arrivals drawn from generators of their own. A short trace then
+    carries its mean share of bursts whatever its rate, and the bursts of two rates differ only in how
+    many requests they hold: with Poisson burst starts a 20 s probe holds 0, 1 or 2 bursts by luck, and
+    bursts are most of the offered load.
+    """
+    if even_bursts:
+        background = generate(replace(spec, burst_rate=0.0))
+        return sorted(background + _even_bursts(spec), key=lambda a: a.time)
     rng = random.Random(spec.seed)
     names = spec.model_names()
     weights = [1.0 / (i + 1) ** spec.zipf_s for i in range(spec.models)]
@@ -124,3 +134,29 @@ def generate(spec: WorkloadSpec) -> list[Arrival]:
             add(t, model)
     arrivals.sort(key=lambda a: a.time)
     return arrivals
+
+
+def _even_bursts(spec: WorkloadSpec) -> list[Arrival]:
+    if spec.burst_rate <= 0 or spec.burst_every_s <= 0:
+        return []
+    n = max(1, round(spec.duration_s / spec.burst_every_s))
+    names = spec.model_names()
+    cold = names[spec.models // 2 :] or names
+    pick = random.Random(spec.seed * 7919 + 1)
+    out: list[Arrival] = []
+    for k in range(n):
+        model = pick.choice(cold)
+        start = max(0.0, (k + 0.5) * spec.duration_s / n - spec.burst_s / 2)
+        end = min(start + spec.burst_s, spec.duration_s)
+        rng = random.Random(spec.seed * 7919 + 2 + k)
+        t = start
+        while True:
+            t += rng.expovariate(spec.burst_rate)
+            if t >= end:
+                break
+            realtime = rng.random() < spec.realtime_share
+            z = rng.gauss(math.log(spec.tokens_median), spec.tokens_sigma)
+            tokens = int(min(max(round(math.exp(z)), spec.tokens_min), spec.tokens_max))
+            timeout_ms = spec.realtime_timeout_ms if realtime else spec.batch_timeout_ms
+            out.append(Arrival(t, model, tokens, 1 if realtime else 2, int(timeout_ms * 1000)))
+    return out

@@ -6,6 +6,11 @@
   device's sustained FLOP/s); measurements refine both online (least squares with exponential forgetting).
 - A step that loads its model while computing (layer-by-layer pipelining) takes
   ``max(load, exec) + min(load, exec) / pipeline_stages``.
+- Around the batch, a step costs ``step_overhead_s`` plus ``request_overhead_s`` per request: the CPU work
+  of admitting, scheduling and delivering each request (and, on a CPU device, the serving thread's share
+  of the same cores). A background copy slows the compute it overlaps by ``copy_slowdown`` of its length.
+  These three are fitted by a calibration replay through the real engine (``ptmserve.bench.trace_calibrate``);
+  the simulator charges them, the scheduler's predictions do not use them.
 
 Pure Python, no torch: the same numbers drive the real scheduler and the simulator.
 """
@@ -42,6 +47,10 @@ class DeviceProfile:
     bytes_per_param: float = 4.0  # 4 for fp32 weights, 2 for bf16/fp16
     pipeline_stages: int = 8  # groups a load overlaps compute over (layers + 2); 1 = no pipelining
     copy_overlap: float = 0.5  # share of a copy hidden behind compute: 1 = own copy engine, 0 = same cores
+    # seconds of compute lost per second of a background copy it overlaps; None: 1 - copy_overlap
+    copy_slowdown: float | None = None
+    request_overhead_s: float = 0.0  # CPU seconds per request outside the batch (admit, deliver, serve)
+    step_overhead_s: float = 0.0  # CPU seconds per step outside the batch (schedule, report)
     notes: str = ""  # how the figures were obtained
 
     def __post_init__(self) -> None:
@@ -50,7 +59,7 @@ class DeviceProfile:
                 raise InvalidConfig(
                     f"device profile {self.name!r}: {name} must be > 0, got {getattr(self, name)}"
                 )
-        for name in ("load_latency_s", "batch_overhead_s"):
+        for name in ("load_latency_s", "batch_overhead_s", "request_overhead_s", "step_overhead_s"):
             if getattr(self, name) < 0:
                 raise InvalidConfig(
                     f"device profile {self.name!r}: {name} must be >= 0, got {getattr(self, name)}"
@@ -59,6 +68,19 @@ class DeviceProfile:
             raise InvalidConfig(f"device profile {self.name!r}: pipeline_stages must be >= 1")
         if not 0 <= self.copy_overlap <= 1:
             raise InvalidConfig(f"device profile {self.name!r}: copy_overlap must be in [0, 1]")
+        if self.copy_slowdown is not None and not 0 <= self.copy_slowdown <= 1:
+            raise InvalidConfig(
+                f"device profile {self.name!r}: copy_slowdown must be in [0, 1], got {self.copy_slowdown}"
+            )
+
+    @property
+    def contention(self) -> float:
+        """Seconds of compute lost per second of a background copy overlapping it."""
+        return 1.0 - self.copy_overlap if self.copy_slowdown is None else self.copy_slowdown
+
+    def overhead_seconds(self, requests: int) -> float:
+        """CPU seconds a step of ``requests`` requests costs outside its batch's compute."""
+        return self.step_overhead_s + self.request_overhead_s * requests
 
     def token_seconds(self, nbytes: int) -> float:
         """Prior per-token execution time of a model with ``nbytes`` of weights (2 FLOPs per parameter)."""

@@ -322,11 +322,13 @@ class _Sim:
             exec_s *= math.exp(self.rng.gauss(0.0, self.config.exec_noise))
         seconds = self.truth.step_seconds(wait, exec_s)
         # A copy that does not hide behind compute (same cores) slows the batch it overlaps.
-        contention = (1.0 - self.config.truth.copy_overlap) * sum(
+        contention = self.config.truth.contention * sum(
             max(0.0, min(now + seconds, ld.finish) - max(now + wait, ld.start)) for ld in prefetched
         )
         exec_s += contention
-        seconds += contention
+        # The CPU work around the batch (schedule, admit and deliver each request) keeps the device's
+        # step loop busy too; the engine's runner does not count it in the compute it reports.
+        seconds += contention + self.config.truth.overhead_seconds(len(step.batch))
         end = now + seconds
         self._admit(end)
         self.now = end

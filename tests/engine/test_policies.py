@@ -90,6 +90,19 @@ def test_fastptm_switches_when_staying_would_lose_a_request() -> None:
     assert step is not None and step.model == "b" and step.load_needed and step.evict == ["a"]
 
 
+def test_fastptm_runs_first_the_short_step_that_the_best_rate_would_doom() -> None:
+    """Issue 13: 20 requests on the resident model score the higher rate, but running them first dooms
+    the cold model's one request, while running that one first (0.12 s) dooms none of the 20."""
+    sched = make_scheduler()
+    tiers = FakeTiers(slots=2, resident=["a"])
+    for _ in range(20):
+        sched.submit(req("a", RT, 0.0, 1.0))
+    sched.submit(req("b", RT, 0.0, 0.3))
+    steps = run(sched, sched.clock, tiers)  # type: ignore[arg-type]
+    assert [s.model for s in steps if s.model] == ["b", "a"]
+    assert all(r.status.name == "FINISHED" for s in steps for r in s.batch)
+
+
 def test_fifo_naive_runs_one_request_per_step_in_arrival_order() -> None:
     clock = FakeClock()
     sched = make_scheduler("fifo-naive", clock=clock)

@@ -10,7 +10,8 @@ One step, as docs/scheduling.md explains:
    score = (requests served - ``lost_weight`` * real-time requests of other urgent models it would doom)
    / predicted seconds, load included. Resident work is short and wins until a cold model's requests would
    be lost: switches come late and carry everything queued. Batch-class requests of the same model fill
-   the step while that dooms nobody.
+   the step while that dooms nobody. When the best-scored step would doom another model's requests and
+   that model's step dooms nobody, it runs first (a rate cannot see that running it first loses nothing).
 4. Else batch-class work, the resident model with the deepest queue first, then the deepest cold queue.
    Once real-time traffic exists, such a step is capped at ``min(batch_step_s, batch_step_share * the
    real-time timeout)``.
@@ -121,6 +122,7 @@ class FastPtm(Policy):
         now_ok: dict[str, int] = {}
         scored: list[tuple[float, int, float, str, list[Request]]] = []
         watched = urgent + near  # whose requests a choice may doom
+        dooms: dict[str, set[str]] = {}  # candidate -> the models whose requests running it first dooms
         for m in watched:
             rt = q.queue(m, REALTIME)
             if not rt:
@@ -131,7 +133,8 @@ class FastPtm(Policy):
             if not batch:
                 continue
             seconds = max(ctx.step_seconds(m, sum(r.tokens for r in batch)), 1e-9)
-            lost = self._lost(ctx, m, seconds, watched, now_ok)
+            dooms[m] = set()
+            lost = self._lost(ctx, m, seconds, watched, now_ok, dooms[m])
             if q.has(m, BATCH):  # batch-class work fills the step while that dooms no real-time request
                 filled = list(batch)
                 take(ctx, m, q.queue(m, BATCH), filled, predictive=True, max_seconds=max(cap, seconds))
@@ -144,14 +147,29 @@ class FastPtm(Policy):
             score = (served - o.lost_weight * lost) / seconds
             scored.append((-score, 0 if ctx.is_resident(m) else 1, head, m, batch))
         scored.sort(key=lambda s: s[:4])
+        if scored and dooms[scored[0][3]]:
+            # The best rate dooms another model's requests: if one of those models can run first without
+            # dooming anyone (the best's requests included), it goes first. Both steps then serve what
+            # the best order would, and the doomed requests too; the rate alone cannot see that.
+            rescue = [s for s in scored[1:] if s[3] in dooms[scored[0][3]] and not dooms[s[3]]]
+            if rescue:
+                first = min(rescue, key=lambda s: s[2])
+                scored.remove(first)
+                scored.insert(0, first)
         for _, _, _, m, batch in scored:
             yield Plan(m, batch, StepKind.REALTIME)
 
     def _lost(
-        self, ctx: Context, model: str, seconds: float, urgent: list[str], now_ok: dict[str, int]
+        self,
+        ctx: Context,
+        model: str,
+        seconds: float,
+        urgent: list[str],
+        now_ok: dict[str, int],
+        doomed: set[str] | None = None,
     ) -> int:
         """Real-time requests of the other urgent models that one batch could serve now but not after
-        ``model`` ran first for ``seconds``."""
+        ``model`` ran first for ``seconds``; the models they belong to are added to ``doomed``."""
         lost = 0
         for x in urgent:
             rt = ctx.queues.queue(x, REALTIME)
@@ -159,7 +177,10 @@ class FastPtm(Policy):
                 continue
             if x not in now_ok:
                 now_ok[x] = servable(ctx, x, rt)
-            lost += now_ok[x] - servable(ctx, x, rt, delay=seconds)
+            drop = now_ok[x] - servable(ctx, x, rt, delay=seconds)
+            if drop > 0 and doomed is not None:
+                doomed.add(x)
+            lost += drop
         return lost
 
     def _rank_batch(self, ctx: Context) -> list[str]:
