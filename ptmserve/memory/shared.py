@@ -166,7 +166,7 @@ class SharedFiles:
             if match is None:
                 continue
             pid = int(match.group(1))
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or process_alive(pid):
                 continue
             logger.info("removing %s, left by process %d", path.name, pid)
             path.unlink(missing_ok=True)
@@ -192,7 +192,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

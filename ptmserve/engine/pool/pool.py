@@ -49,6 +49,7 @@ from ptmserve.engine.pool.slot import START_SECONDS, WorkerSlot
 from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
 from ptmserve.engine.states import ModelStates
 from ptmserve.errors import InvalidConfig, NotReady
+from ptmserve.memory.shared import process_alive
 from ptmserve.store.manifest import dtype_name
 from ptmserve.store.repository import Repository
 
@@ -337,4 +338,17 @@ def _make_shared_folder() -> Path:
     """A new folder for the shared host tier: on /dev/shm (a tmpfs) where there is one, named after this
     process so that a folder left by a killed server can be told apart."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=f"ptmserve-{os.getpid()}-", dir=base))
+    folder = Path(tempfile.mkdtemp(prefix=f"ptmserve-{os.getpid()}-", dir=base))
+    _remove_abandoned(folder.parent)
+    return folder
+
+
+def _remove_abandoned(base: Path) -> None:
+    """Remove the shared folders of servers that no longer run (killed before they could clean up): their
+    files would otherwise hold memory until the machine restarts."""
+    for folder in base.glob("ptmserve-*-*"):
+        pid = folder.name.split("-")[1]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        logger.info("removing %s, left by server process %s", folder, pid)
+        shutil.rmtree(folder, ignore_errors=True)
