@@ -227,7 +227,8 @@ class WeightManager:
 
     def placed_bytes(self, model: str) -> int:
         """Device bytes of ``model`` as placed: its device-placed tensors in the serve dtype, each once."""
-        return sum(s.nbytes for s in self._record(model).unique(self._record(model).device_specs))
+        record = self._record(model)
+        return sum(s.nbytes for s in record.unique(record.device_specs))
 
     def host_groups(self, model: str) -> frozenset[str]:
         """The load groups of ``model`` that compute from the host tier (its placement now)."""
@@ -305,9 +306,8 @@ class WeightManager:
         dspecs = record.unique(record.device_specs)
         self._check_fits(record, self._dev, sum(s.nbytes for s in dspecs))
         hkey = {d.key: record.host_specs[n] for n, d in record.device_specs.items()}
-        in_place = (
-            record.in_place_specs()
-        )  # host-placed groups compute from these for as long as it is loaded
+        # the tensors its host-placed groups compute from, held in the host tier while it is loaded
+        in_place = record.in_place_specs()
         retained_host: list = []
         deadline = time.monotonic() + self._wait_timeout
         try:
