@@ -238,9 +238,10 @@ def _workers_arg(text: str) -> int | str:
 
 
 def _workers(args: argparse.Namespace) -> int:
-    """``--workers``, with ``auto`` resolved: 2 worker processes on a CPU with at least 2 cores (2 workers
-    of one thread each served more requests per second than one of two threads, for short and long
-    texts under concurrency; a lone long request is slower), else 1 (a GPU holds one device tier)."""
+    """``--workers``, with ``auto`` resolved: 2 worker processes on a CPU with at least 2 cores (on 2
+    cores, 2 workers of one thread each served a lone short request 1.35x and long texts under load 1.14x
+    as fast as one worker of two threads, short texts under load as fast, a lone long request 0.81x),
+    else 1 (a GPU holds one device tier)."""
     if args.workers != "auto":
         return int(args.workers)
     return 2 if args.device == "cpu" and _cores() >= 2 else 1
@@ -424,8 +425,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="engine worker processes behind one HTTP front end, each with its own device budget, all "
         "mapping one shared host tier; 1 = the engine in the server's process; auto (default) = 2 on a "
-        "CPU with 2 or more cores (measured faster under load than 1 worker with 2 threads; see "
-        "docs/benchmarks.md), else 1",
+        "CPU with 2 or more cores (on 2 cores, faster than 1 worker of 2 threads except for a lone long "
+        "request; see docs/benchmarks.md), else 1",
     )
     p.add_argument(
         "--threads-per-worker",
