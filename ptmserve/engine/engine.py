@@ -119,7 +119,9 @@ class Engine:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.metrics = EngineMetrics()
-        self.placement = Placement(repo, settings.placement, self.device, self.dtype)
+        self.placement = Placement(
+            repo, settings.placement, self.device, self.dtype, idle=lambda: not self._scheduler.pending()
+        )
         self.catalog = ModelCatalog(
             repo, dtype_name(self.dtype), truncate=settings.truncate, placement=self.placement
         )

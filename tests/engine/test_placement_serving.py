@@ -111,3 +111,28 @@ def test_a_tied_lm_head_keeps_the_embedding_table_on_the_device(tmp_path: Path, 
     assert outputs["device"] == outputs["host-embeddings"]
     saved = device_bytes["device"] - device_bytes["host-embeddings"]
     assert saved == (0 if variant == "llama-tied" else group_bytes(repo, "dec", "embeddings"))
+
+
+def test_the_background_profile_waits_for_an_idle_engine(tmp_path: Path) -> None:
+    import threading
+
+    import torch
+
+    from ptmserve.engine.placement import Placement
+
+    repo = Repository(tmp_path / "repo")
+    import_checkpoint(repo, make_tiny_checkpoint(tmp_path / "ck", "bert"), "m", dtype="float32")
+    idle = threading.Event()
+    placement = Placement(repo, "auto", torch.device("cpu"), torch.float32, idle=idle.is_set)
+    try:
+        placement(repo.manifest("m"))  # no profile yet: placed like host-embeddings
+        placement.loaded("m")
+        time.sleep(0.5)
+        assert placement.profiled == [] and repo.profile("m") is None  # the engine is busy
+        idle.set()
+        deadline = time.monotonic() + 30
+        while not placement.profiled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert placement.profiled == ["m"] and repo.profile("m") is not None
+    finally:
+        placement.close()
