@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ptmserve.bench import switch_placement
+from ptmserve.bench.switch_placement import first_result_seconds as _ttfr  # time to first result
 from ptmserve.memory.manager import WeightManager
 from ptmserve.models.packed import PackedBatch, pack
 from ptmserve.store.repository import Repository
@@ -290,16 +291,6 @@ def _pipelined_best(group_bytes: dict[str, int], load: float, compute: float) ->
         arrived += load * nbytes / total
         finished = max(finished, arrived) + (compute / layers if group.startswith("layers.") else 0.0)
     return finished
-
-
-def _ttfr(manager: WeightManager, name: str, batch: PackedBatch) -> float:
-    """Seconds from ``acquire`` to the first result; then waits (untimed) for the load to settle."""
-    start = time.perf_counter()
-    with manager.acquire(name) as loaded:
-        loaded.run(batch).embeddings.sum().item()
-        seconds = time.perf_counter() - start
-        loaded.wait()
-    return seconds
 
 
 def _hf_first_result(folder: Path, ids: torch.Tensor, runs: int) -> tuple[float, float]:

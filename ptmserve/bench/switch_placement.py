@@ -219,13 +219,13 @@ def _time_switches(
     """Warm switches onto each manager's device (its budget holds one model as placed), interleaved."""
     out: dict[frozenset[str], list[float]] = {g: [] for g in managers}
     for m in managers.values():  # warm-up: both models in the host tier, kernels chosen
-        _first_result(m, twin, batch)
-        _first_result(m, name, batch)
+        first_result_seconds(m, twin, batch)
+        first_result_seconds(m, name, batch)
     keys = list(managers)
     for i in range(runs):
         for g in keys[i % len(keys) :] + keys[: i % len(keys)]:
-            _first_result(managers[g], twin, batch)  # evicts the model; it stays in the host tier
-            out[g].append(_first_result(managers[g], name, batch))
+            first_result_seconds(managers[g], twin, batch)  # evicts the model; it stays in the host tier
+            out[g].append(first_result_seconds(managers[g], name, batch))
     return out
 
 
@@ -265,7 +265,7 @@ def _time_resident(
     return times, stats, diff
 
 
-def _first_result(manager: WeightManager, name: str, batch: PackedBatch) -> float:
+def first_result_seconds(manager: WeightManager, name: str, batch: PackedBatch) -> float:
     """Seconds from ``acquire`` to the first result; then waits (untimed) for the load to settle."""
     start = time.perf_counter()
     with manager.acquire(name) as loaded:

@@ -102,22 +102,31 @@ class ModelCatalog:
 
     def _read(self, name: str) -> CatalogEntry:
         manifest = self._repo.manifest(name)  # cached by the repository until the file changes
+        with self._lock:
+            cached = self._entries.get(name)
+        if (
+            cached is not None
+            and cached.manifest is manifest
+            and self._placed(manifest, cached.config) == cached.host_groups
+        ):
+            return cached  # nothing changed: no config to parse again
         try:
             family = registry.get(manifest.architecture)
             config = family.config_from_dict(manifest.config)
         except PtmError as exc:
             raise CorruptData(f"model {name!r}: its stored config cannot be used: {exc.message}") from None
-        placed = frozenset()
-        if self._placement is not None:  # as the weight manager places it (tied groups stay on the device)
-            placed = self._placement(manifest) - family.tied_groups(config)
-        with self._lock:
-            cached = self._entries.get(name)
-        if cached is not None and cached.manifest is manifest and cached.host_groups == placed:
-            return cached
+        placed = self._placed(manifest, config)
         max_tokens = min(manifest.max_length or config.max_tokens, config.max_tokens)
         nbytes = self._device_bytes(manifest, placed)
         weights = self._device_bytes(manifest, frozenset()) if placed else nbytes
         return CatalogEntry(manifest, config, max_tokens, nbytes, family.generates, placed, weights)
+
+    def _placed(self, manifest: ModelManifest, config: ModelConfig) -> frozenset[str]:
+        """The model's host-placed groups, as the weight manager places them (tied groups stay on the
+        device)."""
+        if self._placement is None:
+            return frozenset()
+        return self._placement(manifest) - registry.get(manifest.architecture).tied_groups(config)
 
     def names(self) -> list[str]:
         """Every model in the repository, damaged ones included, sorted."""
