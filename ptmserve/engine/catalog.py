@@ -111,7 +111,7 @@ class ModelCatalog:
         ):
             return cached  # nothing changed: no config to parse again
         try:
-            family = registry.get(manifest.architecture)
+            family = registry.get(manifest.architecture, manifest.weights)
             config = family.config_from_dict(manifest.config)
         except PtmError as exc:
             raise CorruptData(f"model {name!r}: its stored config cannot be used: {exc.message}") from None

@@ -238,7 +238,7 @@ class _Model:
         cls, repo: Repository, manifest: ModelManifest, device: torch.device, dtype: torch.dtype
     ) -> _Model:
         try:
-            family = registry.get(manifest.architecture)
+            family = registry.get(manifest.architecture, manifest.weights)
             config = family.config_from_dict(manifest.config)
         except errors.InvalidCheckpoint as exc:
             raise errors.CorruptData(f"model {manifest.name!r}: its stored config: {exc.message}") from None

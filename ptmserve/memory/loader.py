@@ -23,7 +23,7 @@ from torch import nn
 from ptmserve import errors
 from ptmserve.memory.cache import Entry, TensorSpec
 from ptmserve.memory.copy import CopyEngine, Fence
-from ptmserve.models import registry
+from ptmserve.models import quant, registry
 from ptmserve.models.config import Pooling
 from ptmserve.models.registry import Family, ModelConfig
 from ptmserve.store import segments
@@ -43,7 +43,9 @@ class ModelRecord:
     config: ModelConfig
     pooling: Pooling
     host_specs: dict[str, TensorSpec]  # tensor name -> spec in the host tier (stored dtype)
-    device_specs: dict[str, TensorSpec]  # tensor name -> spec in the device tier (serve dtype), device-placed
+    # tensor name -> spec in the device tier, device-placed: floating tensors in the serve dtype, integer
+    # ones (quantized weights) as stored
+    device_specs: dict[str, TensorSpec]
     # load groups that compute from the host tier in place (``placement.py``); their tensors are not in
     # ``device_specs`` unless a device-placed group uses them too
     host_groups: frozenset[str] = frozenset()
@@ -65,10 +67,17 @@ class ModelRecord:
         left in the host tier. A tensor that a device-placed group uses is on the device even if a
         host-placed group uses it too (a tied LM head keeps the embedding table on the device)."""
         try:
-            family = registry.get(manifest.architecture)
+            family = registry.get(manifest.architecture, manifest.weights)
             config = family.config_from_dict(manifest.config)
         except errors.InvalidCheckpoint as exc:
             raise errors.CorruptData(f"model {manifest.name!r}: its stored config: {exc.message}") from None
+        if manifest.weights != "fp":
+            wrong = quant.check_stored_dtypes({e.name: torch_dtype(e.dtype) for e in manifest.tensors})
+            if wrong:
+                raise errors.CorruptData(
+                    f"model {manifest.name!r}: tensors of the wrong dtype for {manifest.weights} weights: "
+                    f"{wrong}"
+                )
         asked = frozenset(host_groups)
         host_groups = asked - family.tied_groups(config)
         host: dict[str, TensorSpec] = {}

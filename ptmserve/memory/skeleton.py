@@ -1,12 +1,12 @@
 """Skeletons: the module structure of an architecture shape, built once, bound to weights on demand.
 
-A skeleton is its family's module (``Family.build``) built on the meta device (no storage, no random
-init). Binding points each of its parameters at a tensor the device tier already holds (a dict
-assignment per parameter, no data copied); unbinding points them back at the meta placeholders, so a
-skeleton never keeps device memory alive after its model was released. Models with the same
-architecture shape (same config apart from the label names) share skeletons; the pool builds another
-skeleton of a shape only when more models of that shape are acquired at once than it has, so
-steady-state switching builds no modules.
+A skeleton is its family's module (``Family.module``: with quantized linears for an int8 or int4 model)
+built on the meta device (no storage, no random init). Binding points each of its parameters at a tensor
+the device tier already holds (a dict assignment per parameter, no data copied); unbinding points them
+back at the meta placeholders, so a skeleton never keeps device memory alive after its model was
+released. Models with the same architecture shape (same config apart from the label names, and the same
+weight format) share skeletons; the pool builds another skeleton of a shape only when more models of that
+shape are acquired at once than it has, so steady-state switching builds no modules.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Skeleton:
 
     def __init__(self, family: Family, config: ModelConfig) -> None:
         with torch.device("meta"):
-            self.module: nn.Module = family.build(config).eval()
+            self.module: nn.Module = family.module(config).eval()
         self.key = family.shape_key(config)
         # name -> (owning module, attribute): binding is a dict store per parameter.
         self._slots: dict[str, tuple[nn.Module, str]] = {}

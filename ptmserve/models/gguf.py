@@ -68,8 +68,10 @@ _READ_ERRORS = (
 )
 
 
-def read_gguf(path: str | Path) -> Checkpoint:
-    """Read the GGUF file at ``path`` as a LLaMA-family checkpoint with float32 weights.
+def read_gguf(path: str | Path, weights: str = "fp") -> Checkpoint:
+    """Read the GGUF file at ``path`` as a LLaMA-family checkpoint with float32 weights, or, with
+    ``weights`` "int8" or "int4", with the Q8_0 / Q4_0 / Q4_1 tensors of linears of that format kept
+    quantized (``read_tensors``); the other tensors are float32, for the importer to quantize.
 
     Returns:
         A ``Checkpoint`` whose ``generation`` holds the chat template and the special tokens, whose
@@ -93,7 +95,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     check_tensors(
         skeleton, {_our_name(n): torch.empty(s, device="meta") for n, s in tensor_shapes(reader).items()}
     )
-    tensors = read_tensors(reader, config_dict)
+    tensors = read_tensors(reader, config_dict, _formats(family, config, weights))
     return Checkpoint(
         architecture="llama",
         config=config,
@@ -199,9 +201,13 @@ def tensor_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
 
 
-def read_tensors(reader: Any, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized to float32, in our names and PyTorch's (out, in) order,
-    with the q and k rows permuted back to the rotate-half layout.
+def read_tensors(
+    reader: Any, config: Mapping[str, Any], formats: Mapping[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file in our names and PyTorch's (out, in) order, with the q and k rows
+    permuted back to the rotate-half layout: dequantized to float32, except that a Q8_0 weight of a
+    module whose format in ``formats`` (module path -> "int8"/"int4") is int8, and a Q4_0 or Q4_1 weight of
+    an int4 one, become that module's quantized tensors (``quant``) without a float copy of the weight.
 
     Raises:
         InvalidCheckpoint: an unknown tensor name or an unsupported tensor type.
@@ -217,22 +223,82 @@ def read_tensors(reader: Any, config: Mapping[str, Any]) -> dict[str, torch.Tens
             f"supported: {list(TENSOR_TYPES)}"
         )
     shapes = tensor_shapes(reader)
+    formats = formats or {}
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         name = _our_name(t.name)
+        module = name.removesuffix(".weight")
+        kind = (formats.get(module), t.tensor_type.name)
         try:
-            values = dequantize(t.data, t.tensor_type)
-            if np.may_share_memory(values, reader.data):  # F32 comes back as a view of the file
-                values = values.copy()
-            tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shapes[t.name])
+            if kind in _DIRECT:
+                made = _DIRECT[kind](np.asarray(t.data).reshape(shapes[t.name][0], -1))
+            else:
+                values = dequantize(t.data, t.tensor_type)
+                if np.may_share_memory(values, reader.data):  # F32 comes back as a view of the file
+                    values = values.copy()
+                values = np.ascontiguousarray(values, dtype=np.float32)
+                made = {"weight": torch.from_numpy(values).reshape(shapes[t.name])}
         except _READ_ERRORS + (RuntimeError,) as exc:
             raise InvalidCheckpoint(f"GGUF tensor {t.name!r} cannot be read: {exc!r}") from exc
-        if name.endswith(".q.weight"):
-            tensor = unpermute_rows(tensor, int(config["num_heads"]))
-        elif name.endswith(".k.weight"):
-            tensor = unpermute_rows(tensor, int(config["num_kv_heads"]))
-        out[name] = tensor
+        heads = {".q": "num_heads", ".k": "num_kv_heads"}.get(module[module.rfind(".") :])
+        for param, tensor in made.items():
+            full = f"{module}.{param}" if kind in _DIRECT else name
+            out[full] = tensor if heads is None else unpermute_rows(tensor, int(config[heads]))
     return out
+
+
+def _formats(family: Any, config: Any, weights: str) -> dict[str, str]:
+    """Module path -> weight format of the quantized modules of ``family``'s model in ``weights``."""
+    from ptmserve.models import quant
+
+    if weights == "fp":
+        return {}
+    with torch.device("meta"):
+        return quant.quantized_names(family.with_weights(weights).module(config))
+
+
+def _blocks(data: np.ndarray, block_bytes: int) -> torch.Tensor:
+    """The rows of a block-quantized tensor as ``(rows, blocks, block_bytes)`` uint8 (a copy)."""
+    rows = data.shape[0]
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1, block_bytes).copy())
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """``(..., 2)`` uint8 little-endian halves -> ``(...)`` float32."""
+    return raw.contiguous().view(torch.float16)[..., 0].float()
+
+
+def _q8_0_int8(data: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q8_0 (blocks of an fp16 scale and 32 int8) -> per-row int8 (``quant.requantize_int8``)."""
+    from ptmserve.models import quant
+
+    b = _blocks(data, 34)  # (N, G, 34)
+    q = b[..., 2:].contiguous().view(torch.int8).reshape(b.shape[0], -1)  # (N, K)
+    weight, scale = quant.requantize_int8(q, _f16(b[..., :2]))
+    return {"weight": weight, "scale": scale}
+
+
+def _q4_int4(data: np.ndarray, with_min: bool) -> dict[str, torch.Tensor]:
+    """Q4_0 (``d * (q - 8)``) or Q4_1 (``d * q + m``) -> int4 nibbles, scale ``d`` and zero ``0`` or
+    ``m + 8 d`` per 32 inputs, exactly. A block's 16 bytes hold its values 0..15 in the low nibbles and
+    16..31 in the high ones."""
+
+    start = 4 if with_min else 2
+    b = _blocks(data, start + 16)  # (N, G, 18 or 20)
+    scale = _f16(b[..., :2])  # (N, G)
+    zero = _f16(b[..., 2:4]) + 8 * scale if with_min else torch.zeros_like(scale)
+    qs = b[..., start:]  # (N, G, 16)
+    lo, hi = qs & 0xF, qs >> 4  # values 0..15 and 16..31 of each block
+    # ours pairs neighbours: byte i holds values 2i (low) and 2i + 1 (high)
+    packed = torch.cat((lo[..., 0::2] | (lo[..., 1::2] << 4), hi[..., 0::2] | (hi[..., 1::2] << 4)), dim=2)
+    return {"weight": packed.reshape(b.shape[0], -1), "scale": scale, "zero": zero}
+
+
+_DIRECT = {  # (our module's format, GGUF type) -> its quantized tensors, without a float weight
+    ("int8", "Q8_0"): _q8_0_int8,
+    ("int4", "Q4_0"): lambda data: _q4_int4(data, with_min=False),
+    ("int4", "Q4_1"): lambda data: _q4_int4(data, with_min=True),
+}
 
 
 def unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

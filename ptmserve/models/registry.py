@@ -15,6 +15,7 @@ early exits.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,14 +71,42 @@ class Family:
     # groups whose weights a later group reads too (a tied LM head reads the embedding table): placement
     # never leaves them on the host, where the device group could not reach them
     tied_groups: Callable[[Any], frozenset[str]] = lambda config: frozenset()
+    # its LM head projects through ``quant.project``, so a tied word embedding may be stored quantized
+    # (encoders always may: their word embedding is only looked up)
+    quantized_head: bool = False
+    weights: str = "fp"  # the weight format of the modules ``module`` builds (``quant.WEIGHT_FORMATS``)
+
+    def with_weights(self, weights: str) -> Family:
+        """This family building its modules in weight format ``weights`` (``fp``, ``int8``, ``int4``).
+
+        Raises:
+            InvalidInput: an unknown format.
+        """
+        from ptmserve.models import quant
+
+        quant.check_format(weights)
+        return self if weights == self.weights else dataclasses.replace(self, weights=weights)
+
+    @property
+    def quantizes_embeddings(self) -> bool:
+        """Whether a quantized model of this family stores its word embedding quantized too."""
+        return not self.generates or self.quantized_head
+
+    def module(self, config: ModelConfig) -> nn.Module:
+        """``build(config)`` with its linears (and word embedding) in this family's weight format; call it
+        under ``torch.device("meta")`` as ``build``."""
+        from ptmserve.models import quant
+
+        return quant.quantize_module(self.build(config), self.weights, embeddings=self.quantizes_embeddings)
 
     def shape_key(self, config: ModelConfig) -> str:
-        """Models whose configs give the same key share skeletons (label names do not matter)."""
+        """Models whose configs and weight formats give the same key share skeletons (label names do
+        not matter)."""
         import json
 
         data = config.to_dict()
         data["labels"] = len(config.labels)
-        return json.dumps({"architecture": self.name, **data}, sort_keys=True)
+        return json.dumps({"architecture": self.name, "weights": self.weights, **data}, sort_keys=True)
 
 
 _lock = threading.Lock()
@@ -105,16 +134,17 @@ def families() -> Mapping[str, Family]:
         return dict(_families)
 
 
-def get(name: str) -> Family:
-    """The family called ``name``.
+def get(name: str, weights: str = "fp") -> Family:
+    """The family called ``name``, building its modules in weight format ``weights``.
 
     Raises:
         InvalidCheckpoint: no family of that name is registered.
+        InvalidInput: an unknown weight format.
     """
     found = families().get(name)
     if found is None:
         raise InvalidCheckpoint(f"unknown architecture {name!r}; known: {sorted(families())}")
-    return found
+    return found.with_weights(weights)
 
 
 def for_hf(config_json: Mapping[str, Any]) -> Family:

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptmserve import errors
-from ptmserve.store.manifest import MODEL_DTYPES, ModelManifest, dtype_name, torch_dtype, validate_name
+from ptmserve.store.manifest import (
+    MODEL_DTYPES,
+    WEIGHT_FORMATS,
+    ModelManifest,
+    dtype_name,
+    torch_dtype,
+    validate_name,
+)
 from ptmserve.store.repository import Repository
 from ptmserve.store.writer import ProgressFn
 
@@ -31,6 +38,7 @@ def import_checkpoint(
     name: str,
     dtype: str = "auto",
     sampling: Mapping[str, float] | None = None,
+    weights: str = "fp",
 ) -> ModelManifest:
     """Read the checkpoint ``src`` and store it as model ``name`` (replacing one of that name).
 
@@ -43,6 +51,11 @@ def import_checkpoint(
             "bfloat16" or "float16" casts every floating tensor (integer tensors are kept as they are).
         sampling: a decoder's default ``temperature``, ``top_p``, ``top_k`` (requests that leave one out
             take it), over those its checkpoint gives.
+        weights: "fp" stores the linears as float; "int8" stores them int8 with one scale per output
+            channel, "int4" as int4 with a scale and zero per 32 inputs (int8 where the input size is not
+            a multiple of 32); the word embedding is int8 in both (``models.quant``). A GGUF
+            file's Q8_0 weights become int8, and its Q4_0/Q4_1 weights int4, without a float copy; any
+            other combination is dequantized, then quantized.
 
     Returns:
         The stored manifest.
@@ -56,10 +69,14 @@ def import_checkpoint(
     validate_name(name)
     if dtype not in IMPORT_DTYPES:
         raise errors.InvalidInput(f"import dtype must be one of {IMPORT_DTYPES}, got {dtype!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise errors.InvalidInput(f"import weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     started = time.monotonic()
-    ckpt = read_source(Path(src))
+    ckpt = read_source(Path(src), weights)
     tensors = dict(ckpt.tensors)
     target = checkpoint_dtype(tensors) if dtype == "auto" else dtype
+    if weights != "fp":
+        tensors = quantize_checkpoint(ckpt, tensors, weights, torch_dtype(target))
     if dtype != "auto":
         tensors = cast_floating(tensors, torch_dtype(target))
     manifest = repo.add_model(
@@ -76,12 +93,14 @@ def import_checkpoint(
         generation={**ckpt.generation, "sampling": {**ckpt.generation.get("sampling", {}), **sampling}}
         if sampling
         else ckpt.generation,
+        weights=weights,
     )
     logger.info(
-        "imported %s from %s as %s: %d tensors, %.1f MB in %.2f s",
+        "imported %s from %s as %s %s: %d tensors, %.1f MB in %.2f s",
         name,
         src,
         target,
+        weights,
         len(tensors),
         manifest.total_bytes / 1e6,
         time.monotonic() - started,
@@ -89,9 +108,9 @@ def import_checkpoint(
     return manifest
 
 
-def read_source(src: Path) -> Checkpoint:
-    """The checkpoint in ``src``: a file (or a missing ``*.gguf``) is read as GGUF, a folder as a Hugging
-    Face checkpoint.
+def read_source(src: Path, weights: str = "fp") -> Checkpoint:
+    """The checkpoint in ``src``: a file (or a missing ``*.gguf``) is read as GGUF (its quantized tensors
+    that match ``weights`` kept quantized), a folder as a Hugging Face checkpoint.
 
     Raises:
         errors.InvalidCheckpoint: ``src`` cannot be read as a supported checkpoint.
@@ -99,7 +118,7 @@ def read_source(src: Path) -> Checkpoint:
     if src.is_file() or (src.suffix.lower() == ".gguf" and not src.is_dir()):
         from ptmserve.models.gguf import read_gguf
 
-        return read_gguf(src)
+        return read_gguf(src, weights)
     from ptmserve.models.hf import read_checkpoint
 
     return read_checkpoint(src)
@@ -121,6 +140,21 @@ def checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
     if name not in MODEL_DTYPES:
         raise errors.InvalidCheckpoint(f"checkpoint dtype {name} is not one of {MODEL_DTYPES}")
     return name
+
+
+def quantize_checkpoint(
+    ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], weights: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``tensors`` of ``ckpt`` with its linears (and its word embedding) in format ``weights``,
+    their floating parts in ``dtype``; tensors a GGUF reader already quantized are kept."""
+    from ptmserve.models import quant, registry
+
+    family = registry.get(ckpt.architecture, weights)
+    with torch.device("meta"):
+        skeleton = family.module(ckpt.config)
+    out = quant.to_format(skeleton, tensors, dtype)
+    registry.check_tensors(skeleton, out)
+    return out
 
 
 def cast_floating(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

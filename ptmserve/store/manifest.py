@@ -1,7 +1,8 @@
 """Manifest records: what one stored model is made of, and their JSON form on disk.
 
-A manifest names the model's architecture config, pooling, model dtype, tokenizer blob and every
-tensor with its layer group and exact location (segment file, offset, length, sha256).
+A manifest names the model's architecture config, pooling, model dtype, weight format (float, int8 or
+int4 linears, ``models.quant``), tokenizer blob and every tensor with its layer group and exact location
+(segment file, offset, length, sha256).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from ptmserve import errors
+from ptmserve.models.quant import WEIGHT_FORMATS  # how linear layers are stored: fp, int8, int4
 
 FORMAT_VERSION = 1
 
@@ -161,6 +163,7 @@ class ModelManifest:
     generation: dict[str, Any] = field(default_factory=dict)
     # how the model was calibrated (early exit: thresholds, matrices, validation metrics); empty for most
     calibration: dict[str, Any] = field(default_factory=dict)
+    weights: str = "fp"  # the linear layers' storage format: "fp" (in ``dtype``), "int8" or "int4"
 
     def group_names(self) -> list[str]:
         """The layer groups in execution order (``embeddings``, ``layers.0`` ... , ``head``)."""
@@ -230,6 +233,8 @@ def manifest_to_json(m: ModelManifest | ManifestDoc) -> dict[str, Any]:
     }
     if m.calibration:  # absent for models without one: their files stay as they were
         doc["calibration"] = m.calibration
+    if m.weights != "fp":  # absent for float models: their files stay as they were
+        doc["weights"] = m.weights
     return doc
 
 
@@ -247,6 +252,7 @@ class ManifestDoc:
     architecture: str = ""
     generation: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    weights: str = "fp"
 
     @property
     def tensors(self) -> tuple[TensorEntry, ...]:
@@ -265,6 +271,7 @@ class ManifestDoc:
             self.architecture,
             self.generation,
             self.calibration,
+            self.weights,
         )
 
 
@@ -305,6 +312,9 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
         calibration = doc.get("calibration") or {}  # manifests from before calibration have none
         if not isinstance(calibration, dict):
             raise ValueError(f"bad calibration {type(calibration).__name__}")
+        weights = doc.get("weights", "fp")  # manifests from before quantization are float
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"bad weight format {weights!r}")
         return ManifestDoc(
             name,
             doc["config"],
@@ -316,6 +326,7 @@ def manifest_from_json(doc: Any, where: str) -> ManifestDoc:
             architecture,
             dict(generation),
             dict(calibration),
+            weights,
         )
     except (KeyError, TypeError, ValueError, errors.InvalidInput) as exc:
         raise errors.CorruptData(f"the manifest {where} is malformed: {exc}") from None

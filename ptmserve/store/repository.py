@@ -231,6 +231,7 @@ class Repository:
         group_order: Sequence[str] = (),
         generation: Mapping[str, Any] | None = None,
         calibration: Mapping[str, Any] | None = None,
+        weights: str = "fp",
     ) -> ModelManifest:
         """Store a model atomically, replacing any model of the same name.
 
@@ -250,6 +251,8 @@ class Repository:
             generation: a decoder's generation settings (chat template, special tokens), JSON-serialisable.
             calibration: how the model was calibrated (early exit: thresholds, matrices, validation
                 metrics), strict JSON (no NaN or inf); stored only when non-empty.
+            weights: how the linear layers in ``tensors`` are stored: "fp", "int8" or "int4"
+                (``models.quant``); float tensors other than those are in ``dtype``.
             progress: called as ``progress(new_bytes_written, new_bytes_total)`` per new segment.
 
         Returns:
@@ -278,6 +281,7 @@ class Repository:
                 group_order=group_order,
                 generation=generation,
                 calibration=calibration,
+                weights=weights,
             )
         return self.manifest(name)
 

@@ -19,6 +19,7 @@ from ptmserve import errors
 from ptmserve.store import fsio, segments
 from ptmserve.store.manifest import (
     MODEL_DTYPES,
+    WEIGHT_FORMATS,
     BlobRef,
     ManifestDoc,
     TensorEntry,
@@ -133,14 +134,15 @@ def write_model(
     group_order: Sequence[str] = (),
     generation: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    weights: str = "fp",
 ) -> ManifestDoc:
     """Store a model's new bytes and publish its manifest (the caller holds the repository lock).
 
     Args:
         paths: the repository's folders.
         existing: manifests of the stored models, whose tensors may be reused.
-        name, config, pooling, tokenizer_json, dtype, tensors, max_length, generation, calibration:
-            see ``Repository.add_model``.
+        name, config, pooling, tokenizer_json, dtype, tensors, max_length, generation, calibration,
+            weights: see ``Repository.add_model``.
         progress: optional callback after each new segment.
 
     Returns:
@@ -152,6 +154,8 @@ def write_model(
     """
     if dtype not in MODEL_DTYPES:
         raise errors.InvalidInput(f"model dtype must be one of {MODEL_DTYPES}, got {dtype!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise errors.InvalidInput(f"weight format must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if not isinstance(tokenizer_json, bytes | bytearray | memoryview):
         raise errors.InvalidInput("tokenizer_json must be bytes")
     if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
@@ -207,6 +211,7 @@ def write_model(
         architecture or config.get("family", ""),
         dict(generation or {}),
         dict(calibration or {}),
+        weights,
     )
     body = json.dumps(manifest_to_json(doc), indent=1).encode()
     tmp = fsio.write_temp(paths.tmp, [body], suffix=".json.tmp")

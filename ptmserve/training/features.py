@@ -60,7 +60,7 @@ def load_backbone(repo: Repository, name: str, device: str = "cpu") -> Backbone:
 
     Raises:
         ModelNotFound: no such model.
-        InvalidInput: the model is not an encoder, or it has exits already.
+        InvalidInput: the model is not an encoder, has exits already, or is stored quantized.
         CorruptData: its stored bytes are damaged.
     """
     from ptmserve.models import registry
@@ -74,6 +74,11 @@ def load_backbone(repo: Repository, name: str, device: str = "cpu") -> Backbone:
         )
     if config.exits:
         raise InvalidInput(f"model {name!r} has exits already; train exits on its base model instead")
+    if manifest.weights != "fp":
+        raise InvalidInput(
+            f"model {name!r} is stored with {manifest.weights} weights; train exits on a float import of it "
+            "(serve the result with --weights to quantize it)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for group in manifest.group_names():
         tensors.update(repo.read_group(name, group))

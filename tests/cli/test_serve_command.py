@@ -35,6 +35,7 @@ FLAGS = (
     "--max-input-length",
     "--long-inputs",
     "--drain-seconds",
+    "--weights",
 )
 
 
@@ -142,3 +143,25 @@ def test_serve_answers_then_stops_on_sigterm(repo: Path, tmp_path: Path) -> None
     with Engine.open(repo, dtype="float32") as engine:
         want = engine.embed("emb", ["a new day", "the man said hello"]).embeddings
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_serve_with_int8_weights_serves_the_quantized_variant(repo: Path, tmp_path: Path) -> None:
+    from ptmserve.engine.engine import Engine
+    from ptmserve.store.repository import Repository
+    from ptmserve.store.variants import variant_root
+
+    texts = ["a new day", "the man said hello"]
+    with serve_process(repo, tmp_path / "serve.log", "--dtype", "float32", "--weights", "int8") as server:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            r = c.post("/v1/embeddings", json={"model": "emb", "input": texts, "encoding_format": "float"})
+            assert r.status_code == 200, r.text
+        log = server.output()
+    got = np.asarray([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    assert "int8 weights: emb" in log, log[-3000:]
+    assert Repository(variant_root(repo, "int8")).manifest("emb").weights == "int8"
+    assert Repository(repo).manifest("emb").weights == "fp"  # the source is untouched
+    with Engine.open(repo, dtype="float32") as engine:
+        want = engine.embed("emb", texts).embeddings
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99, cos
