@@ -64,8 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = WorkloadSpec()
     p = parser
     p.add_argument(
-        "--mode", choices=("sim", "real"), default="sim", help="simulate, or drive the real engine"
+        "--mode",
+        choices=("sim", "real", "ray"),
+        default="sim",
+        help="simulate, drive the real engine, or drive engine replicas on Ray Serve under ptmserve's "
+        "router and Ray's default one (trace_ray.py)",
     )
+    p.add_argument("--replicas", type=int, default=2, help="ray mode: engine replicas (%(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     p.add_argument("--models", type=int, help="models in the trace (default: 16 real, 100 sim)")
@@ -181,10 +186,8 @@ def build_trace(args: argparse.Namespace) -> tuple[WorkloadSpec, DeviceProfile, 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Run every selected policy under every selected placement on the same trace; print tables; return
     the results (JSON-ready). ``--capacity`` runs the capacity search instead (``trace_capacity``)."""
-    if getattr(args, "capacity", False):
-        from ptmserve.bench.trace_capacity import run_capacity
-
-        return run_capacity(args)
+    if getattr(args, "capacity", False) or args.mode == "ray":
+        return _run_elsewhere(args)
     placements = _placements(args.placement)
     spec, profile, arrivals = build_trace(args)
     calibration = None
@@ -267,6 +270,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if len(runs) > 1:
         print(format_placements(report))
     return report  # the CLI writes it to --json
+
+
+def _run_elsewhere(args: argparse.Namespace) -> dict[str, object]:
+    """``--capacity`` (``trace_capacity``) and ``--mode ray`` (``trace_ray``) have modules of their own."""
+    if args.mode == "ray":
+        from ptmserve.bench.trace_ray import run_ray
+
+        return run_ray(args)
+    from ptmserve.bench.trace_capacity import run_capacity
+
+    return run_capacity(args)
 
 
 def _placements(text: str) -> list[str]:

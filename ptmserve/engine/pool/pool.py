@@ -22,10 +22,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -35,18 +35,18 @@ from ptmserve.engine.api import (
     Generation,
     GenerationParams,
     InferenceOptions,
-    ModelInfo,
     TierUsage,
 )
 from ptmserve.engine.catalog import ModelCatalog
 from ptmserve.engine.device import resolve_device, resolve_dtype
 from ptmserve.engine.engine import EngineSettings
 from ptmserve.engine.pool import messages as m
+from ptmserve.engine.pool.frontend import FrontEnd
 from ptmserve.engine.pool.metrics import PoolMetrics, Snapshot, WorkerVitals, worker_families
 from ptmserve.engine.pool.process import WorkerSpec
 from ptmserve.engine.pool.routing import choose_worker
 from ptmserve.engine.pool.slot import START_SECONDS, WorkerSlot
-from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
+from ptmserve.engine.prepare import encoder_ids
 from ptmserve.engine.states import ModelStates
 from ptmserve.errors import InvalidConfig, NotReady
 from ptmserve.memory.shared import process_alive
@@ -55,12 +55,11 @@ from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Inputs = Sequence[str] | Sequence[Sequence[int]]
 METRICS_TIMEOUT_SECONDS = 2.0  # a worker that does not send its metrics by then is left out of /metrics
 
 
-class WorkerPool:
+class WorkerPool(FrontEnd):
     """Serves a repository with ``workers`` engine processes. The same API as ``Engine`` for the server
     (``ptmserve.server.dataplane.EngineLike``); ``warm_up()`` before serving, ``close()`` at the end.
 
@@ -130,14 +129,6 @@ class WorkerPool:
         return [slot.pid for slot in self._slots]
 
     # -- models ---------------------------------------------------------------------------------------
-
-    def models(self) -> list[ModelInfo]:
-        """Every model in the repository; damaged ones are UNAVAILABLE with the reason."""
-        return [self.model_info(name) for name in self.catalog.names()]
-
-    def model_info(self, name: str) -> ModelInfo:
-        """Raises ModelNotFound (InvalidInput for a malformed name)."""
-        return self.states.info(name)
 
     def _unavailable(self, name: str) -> str | None:
         """Why a live worker refuses ``name`` (a budget it can never fit there, a failed load), or None."""
@@ -215,49 +206,11 @@ class WorkerPool:
         args = {"model": model, "inputs": ids, "options": options}
         return await asyncio.wrap_future(self._submit(model, op, args))
 
-    async def acomplete(
-        self,
-        model: str,
-        prompt: str | Sequence[int],
-        params: GenerationParams = GenerationParams(),
-        options: InferenceOptions = InferenceOptions(),
-    ) -> Generation:
-        """Start a completion on a worker; returns once it is admitted. Raises as ``Engine.complete``."""
-
-        def prepare() -> str | Sequence[int]:
-            self.states.generator(model)
-            return prompt_ids(self.catalog, model, prompt)
-
-        ids = await self._prepared(model, [prompt], prepare)
-        return await self._generate(model, ids, params, options)
-
-    async def achat(
-        self,
-        model: str,
-        messages: Sequence[Mapping[str, Any]],
-        params: GenerationParams = GenerationParams(),
-        options: InferenceOptions = InferenceOptions(),
-    ) -> Generation:
-        """Start a chat reply on a worker (rendered and tokenized here, on a thread). Raises as
-        ``Engine.chat``."""
-        ids = await asyncio.wrap_future(
-            self._preparers.submit(
-                lambda: chat_ids(self.catalog, self.states.generator(model), model, messages)
-            )
-        )
-        return await self._generate(model, ids, params, options)
-
     async def _generate(
         self, model: str, ids: str | Sequence[int], params: GenerationParams, options: InferenceOptions
     ) -> Generation:
         args = {"model": model, "prompt": ids, "params": params, "options": options}
         return await asyncio.wrap_future(self._submit(model, m.GENERATE, args))
-
-    async def _prepared(self, model: str, inputs: Sequence[Any], prepare: Callable[[], T]) -> T:
-        """``prepare()`` on the loop when it is cheap, else on the tokenizer threads."""
-        if cheap_to_prepare(self.catalog, model, inputs):
-            return prepare()
-        return await asyncio.wrap_future(self._preparers.submit(prepare))
 
     def _submit(self, model: str, op: str, args: dict[str, Any]) -> Future[Any]:
         """Send one request for ``model`` to the worker routing picks (NotReady when none is live)."""
