@@ -28,18 +28,29 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ptmserve.bench import generate_systems as systems
-from ptmserve.bench.generate_models import BenchModel, load_decoder, prepare
-from ptmserve.bench.generate_report import SYSTEMS, brief, cpu_model, format_report, ratios, targets
+from ptmserve.bench.generate_models import BenchModel, import_weights, load_decoder, perplexity, prepare
+from ptmserve.bench.generate_report import (
+    SYSTEMS,
+    brief,
+    cpu_model,
+    format_report,
+    ours_system,
+    ratios,
+    targets,
+)
 from ptmserve.models import registry
 from ptmserve.models.paged import KVCache, blocks_needed
+from ptmserve.models.quant import WEIGHT_FORMATS
 from ptmserve.store.repository import Repository
 
 FULL = dict(concurrency="1,4,16", requests="6,12,32", prompt_len="16,512", gen_len="64,128")
@@ -48,6 +59,9 @@ PARITY_PROMPT_LEN = (16, 64)
 PARITY_GROUP = 16  # parity prompts of one length, one transformers batch
 TIMEOUT_S = 600.0
 KV_BLOCK = 16  # the engine's default KV block size, used to size its KV budget
+PPL_TOKENS = 1024  # the fixed text of the weight formats' perplexity
+AGREE_PROMPTS = 32  # prompts of the weight formats' greedy agreement with fp
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     parser.add_argument(
+        "--weights",
+        default="fp",
+        help="comma-separated weight formats of ours (fp,int8,int4; default fp): each is imported and run "
+        "as 'ours-FORMAT', with its perplexity and greedy agreement against fp",
+    )
+    parser.add_argument(
         "--max-batch-tokens", type=int, default=8192, help="the engine's tokens per step (default 8192)"
     )
     parser.add_argument(
@@ -94,6 +114,7 @@ class Plan:
     parity_prompts: int
     parity_tokens: int
     systems: frozenset[str]
+    weights: tuple[str, ...]  # weight formats of ours, "fp" first when present
     dtype: str
     max_batch_tokens: int
     seed: int
@@ -111,6 +132,9 @@ class Plan:
         if not chosen <= set(SYSTEMS):
             raise SystemExit(f"--systems: unknown {sorted(chosen - set(SYSTEMS))}; known: {SYSTEMS}")
         parity = args.parity_prompts if args.parity_prompts is not None else (8 if args.quick else 64)
+        weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+        if not weights or not set(weights) <= set(WEIGHT_FORMATS):
+            raise SystemExit(f"--weights: {args.weights!r}; known: {','.join(WEIGHT_FORMATS)}")
         return cls(
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             levels=tuple(levels),
@@ -120,6 +144,7 @@ class Plan:
             parity_prompts=parity,
             parity_tokens=args.parity_tokens or (8 if args.quick else 32),
             systems=chosen,
+            weights=tuple(sorted(set(weights), key=WEIGHT_FORMATS.index)),
             dtype=args.dtype,
             max_batch_tokens=args.max_batch_tokens,
             seed=args.seed,
@@ -142,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": plan.dtype,
+        "weights": list(plan.weights),
         "workload": {
             "concurrency": list(plan.levels),
             "requests": list(plan.counts),
@@ -162,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repo = Repository(work / "repo")
         for key in plan.models:
             _progress(f"{key}: preparing (import into the repository, transformers twin)")
-            model = prepare(key, work, repo, getattr(torch, plan.dtype), plan.seed)
+            model = isolated(prepare, key, work, repo, getattr(torch, plan.dtype), plan.seed)
             result["models"].append(_measure_model(model, repo, plan))
             del model
             gc.collect()
@@ -192,35 +218,78 @@ def _measure_model(m: BenchModel, repo: Repository, plan: Plan) -> dict[str, Any
         dtype=plan.dtype, kv_cache_memory=kv_bytes, max_batch_tokens=plan.max_batch_tokens
     )
     row: dict[str, Any] = {"model": m.label, "key": m.key, "kv_cache_memory": kv_bytes, "levels": []}
-    decoder = load_decoder(repo, m.name, dtype) if "static" in plan.systems else None
-    engine = Engine(repo, settings) if "ours" in plan.systems or plan.parity_prompts else None
+    names = {w: isolated(import_weights, m, repo, w) for w in plan.weights if "ours" in plan.systems}
+    decoder = isolated(load_decoder, repo, m.name, dtype) if "static" in plan.systems else None
+    engine = Engine(repo, settings) if names or plan.parity_prompts else None
     try:
         warm = [systems.Request(workloads[plan.levels[0]][0].prompt[:16], 4)]
-        if engine is not None:
-            systems.run_engine(engine, m.name, warm, 1, TIMEOUT_S)  # loads the weights
+        for name in names.values():
+            systems.run_engine(engine, name, warm, 1, TIMEOUT_S)  # loads the weights
         if decoder is not None:
-            systems.run_static(decoder, warm, 1)
-        systems.run_hf(m.hf, warm, 1)
+            isolated(systems.run_static, decoder, warm, 1)
+        isolated(systems.run_hf, m.hf, warm, 1)
         for c in plan.levels:
             level: dict[str, Any] = {"concurrency": c}
             runs = {
-                "ours": lambda c=c: systems.run_engine(engine, m.name, workloads[c], c, TIMEOUT_S),
-                "static": lambda c=c: systems.run_static(decoder, workloads[c], c),
-                "transformers": lambda c=c: systems.run_hf(m.hf, workloads[c], c),
+                ours_system(w): lambda c=c, n=n: systems.run_engine(engine, n, workloads[c], c, TIMEOUT_S)
+                for w, n in names.items()
             }
+            if "static" in plan.systems:
+                runs["static"] = lambda c=c: isolated(systems.run_static, decoder, workloads[c], c)
+            if "transformers" in plan.systems:
+                runs["transformers"] = lambda c=c: isolated(systems.run_hf, m.hf, workloads[c], c)
             for name, fn in runs.items():  # one after another on the same requests
-                if name in plan.systems:
-                    level[name] = systems.summarize(*fn())
-                    _progress(f"{m.key}: concurrency {c}, {name}: {brief(level[name])}")
+                level[name] = systems.summarize(*fn())
+                _progress(f"{m.key}: concurrency {c}, {name}: {brief(level[name])}")
             level.update(ratios(level))
             row["levels"].append(level)
         row["llama_cpp"] = _llama(m, workloads[max(plan.levels)], plan.llama_note)
         if plan.parity_prompts and engine is not None:
             row["parity"] = _parity(m, engine, plan)
+        if set(names) - {"fp"}:
+            row["weights"] = _accuracy(m, repo, engine, names, plan)
     finally:
         if engine is not None:
             engine.close()
     return row
+
+
+def _accuracy(
+    m: BenchModel, repo: Repository, engine: Any, names: dict[str, str], plan: Plan
+) -> dict[str, Any]:
+    """Per weight format: perplexity of a fixed text (the first ``PPL_TOKENS`` of the model's token
+    stream) and greedy agreement with fp (the engine's tokens on ``AGREE_PROMPTS`` prompts)."""
+    dtype = getattr(torch, plan.dtype)
+    text = m.token_stream[: min(PPL_TOKENS, m.max_positions)]
+    k = plan.parity_tokens
+    reqs = systems.make_requests(
+        m.token_stream, AGREE_PROMPTS, PARITY_PROMPT_LEN, (k, k), m.max_positions, plan.seed + 7
+    )
+    _progress(f"{m.key}: weight formats, perplexity over {len(text)} tokens, {len(reqs)} prompts x {k}")
+    fp_tokens = [t.token_ids for t in systems.run_engine(engine, m.name, reqs, PARITY_GROUP, TIMEOUT_S)[0]]
+    out: dict[str, Any] = {}
+    for w in ("fp", *(x for x in names if x != "fp")):
+        ppl = isolated(lambda w=w: perplexity(load_decoder(repo, m.name_in(w), dtype), text))
+        got = fp_tokens
+        if w != "fp":
+            got = [
+                t.token_ids for t in systems.run_engine(engine, names[w], reqs, PARITY_GROUP, TIMEOUT_S)[0]
+            ]
+        same = [_common_prefix(a, b) for a, b in zip(got, fp_tokens, strict=True)]
+        out[w] = {
+            "perplexity": round(ppl, 3),
+            "perplexity_tokens": len(text),
+            "prompts": len(reqs),
+            "new_tokens": k,
+            "identical_to_fp": sum(n == k for n in same),
+            "prefix_agreement": round(sum(same) / (k * len(reqs)), 4),  # tokens before the first difference
+        }
+        _progress(f"{m.key}: {w}: perplexity {ppl:.3f}, {out[w]['identical_to_fp']}/{len(reqs)} as fp")
+    return out
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _llama(m: BenchModel, requests: list[systems.Request], note: str | None) -> dict[str, Any]:
@@ -252,7 +321,7 @@ def _parity(m: BenchModel, engine: Any, plan: Plan) -> dict[str, Any]:
         )
     _progress(f"{m.key}: parity, {n} prompts x {k} greedy tokens")
     ours, _ = systems.run_engine(engine, m.name, reqs, min(PARITY_GROUP, n), TIMEOUT_S)
-    ref, _ = systems.run_hf(m.hf, reqs, PARITY_GROUP)
+    ref, _ = isolated(systems.run_hf, m.hf, reqs, PARITY_GROUP)
     diverge = []
     for t, r in zip(ours, ref, strict=True):
         got, want = t.token_ids, r.token_ids
@@ -281,6 +350,32 @@ def _kv_bytes(repo: Repository, name: str, concurrency: int, longest: int, dtype
     blocks = concurrency * (blocks_needed(longest, KV_BLOCK) + 1)
     per = KVCache.bytes_for(cfg.num_layers, blocks, KV_BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype)
     return int(per * 1.25)
+
+
+def isolated(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` computed on a thread of its own that ends with it.
+
+    Every thread that runs a parallel torch op keeps an OpenMP team of its own for as long as it lives;
+    with more team threads than cores, GNU OpenMP stops spinning between parallel regions and every op of
+    the engine's step thread pays a wake-up: measured on 2 cores, a live thread that had run one parallel
+    op made SmolLM2's int8 decode step 42 ms instead of 35 (fp32: about 7 ms more). The baselines and the
+    model preparation therefore run on threads that end, so ours is measured as it serves.
+    """
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the calling thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="bench-isolated")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
 
 
 def _progress(text: str) -> None:

@@ -48,6 +48,11 @@ class BenchModel:
     max_positions: int  # the context the model allows (prompt + generated)
     token_stream: list[int]  # prompts are windows of this stream (real text, or random ids)
     gguf: Path | None = None  # the GGUF file, when the model comes from one (llama.cpp runs it)
+    source: Path | None = None  # what was imported (a checkpoint folder or the GGUF file)
+
+    def name_in(self, weights: str) -> str:
+        """Its name in the benchmark's repository when imported in weight format ``weights``."""
+        return self.name if weights == "fp" else f"{self.name}-{weights}"
 
 
 def prepare(key: str, work: Path, repo: Repository, dtype: torch.dtype, seed: int) -> BenchModel:
@@ -78,17 +83,53 @@ def prepare(key: str, work: Path, repo: Repository, dtype: torch.dtype, seed: in
     gen = torch.Generator().manual_seed(seed)
     stream = torch.randint(0, vocab, (1 << 16,), generator=gen).tolist()
     positions = int(getattr(hf.config, "n_positions", 0) or hf.config.max_position_embeddings)
-    return BenchModel(key, label, key, hf.to(dtype), vocab, positions, stream)
+    return BenchModel(key, label, key, hf.to(dtype), vocab, positions, stream, source=folder)
+
+
+def import_weights(m: BenchModel, repo: Repository, weights: str) -> str:
+    """Import ``m`` again in weight format ``weights`` (``int8``, ``int4``; ``fp`` is there already) from
+    its source, as the CLI's ``import --weights`` does; returns its name in ``repo``."""
+    name = m.name_in(weights)
+    if weights != "fp":
+        assert m.source is not None
+        import_checkpoint(repo, m.source, name, "float32", weights=weights)
+    return name
 
 
 def load_decoder(repo: Repository, name: str, dtype: torch.dtype) -> Decoder:
-    """Our ``Decoder`` for model ``name`` with the repository's weights, in ``dtype`` on the CPU."""
+    """Our ``Decoder`` for model ``name`` with the repository's weights (in their stored format), in
+    ``dtype`` on the CPU."""
+    from ptmserve.models import quant
+
     manifest = repo.manifest(name)
     config = registry.config_from_dict(manifest.architecture, dict(manifest.config))
     tensors: dict[str, torch.Tensor] = {}
     for group in manifest.group_names():
         tensors.update(repo.read_group(name, group))
+    if manifest.weights != "fp":
+        module = quant.load_module(manifest.architecture, config, tensors, manifest.weights, dtype=dtype)
+        return module  # type: ignore[return-value]
     return _module_class(manifest.architecture, config).from_tensors(config, tensors, dtype=dtype)
+
+
+def perplexity(decoder: Decoder, tokens: list[int]) -> float:
+    """``exp`` of the mean negative log-likelihood of ``tokens[1:]``, each given the tokens before it, in
+    one prefill of ``tokens`` (float32 log-softmax over the whole vocabulary)."""
+    from ptmserve.models.paged import KVCache, blocks_needed, make_step_batch
+    from ptmserve.models.runner import Activations, run_stages
+
+    block = 16
+    dtype = next(p for p in decoder.parameters() if p.is_floating_point()).dtype
+    nb = blocks_needed(len(tokens), block)
+    cache = KVCache.for_config(decoder.config, nb, block, dtype=dtype)
+    batch = make_step_batch([(tokens, 0, list(range(nb)))], block)
+    with torch.inference_mode():
+        stages = decoder.step_stages(batch, cache)[:-1]  # every row's final state, not only the last
+        hidden = run_stages(stages, Activations(batch)).hidden  # type: ignore[arg-type]
+        assert hidden is not None
+        logits = decoder.lm_logits(hidden[:-1])  # (L-1, V) float32
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1:]))
+    return float(nll.exp())
 
 
 def _module_class(architecture: str, config: Any) -> type[Decoder]:
@@ -166,5 +207,5 @@ def _smollm2(repo: Repository, dtype: torch.dtype) -> BenchModel:
     positions = int(manifest.config.get("max_position_embeddings", 2048))
     return BenchModel(
         "smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF)", "smollm2", hf.eval(), int(hf.config.vocab_size),
-        positions, stream, gguf=path,
+        positions, stream, gguf=path, source=path,
     )  # fmt: skip

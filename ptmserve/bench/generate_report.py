@@ -7,6 +7,18 @@ import subprocess
 from typing import Any
 
 SYSTEMS = ("ours", "static", "transformers", "llama.cpp")
+LLAMA_CPP_C1 = 0.7  # issue 14: ours in a quantized weight format at 1 client >= 0.7x llama.cpp's tokens/s
+
+
+def ours_system(weights: str) -> str:
+    """The system name of ours in weight format ``weights``: ``ours`` (fp) or ``ours-int8`` ..."""
+    return "ours" if weights == "fp" else f"ours-{weights}"
+
+
+def _systems(level: dict[str, Any]) -> list[str]:
+    """The systems a level holds, in report order (ours in each weight format right after ours)."""
+    quantized = [k for k in level if k.startswith("ours-")]  # in the order of --weights
+    return [s for s in ("ours", *quantized, *SYSTEMS[1:]) if s in level]
 
 
 def ratios(level: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +73,12 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             add(name, text, row["parity"]["share"], 0.95)
             if result.get("dtype") != "float32":
                 out[-1]["met"] = None
+        theirs = llama.get("tokens_per_s")
+        for system in (s for s in _systems(low) if s.startswith("ours-")):
+            ours = low[system].get("tokens_per_s")
+            ratio = round(ours / theirs, 3) if ours and theirs else None
+            text = f"{system} at concurrency {lo} >= {LLAMA_CPP_C1}x llama.cpp (sequential) tokens/s"
+            add(name, text, ratio, LLAMA_CPP_C1)
     return out
 
 
@@ -79,7 +97,7 @@ def format_report(result: dict[str, Any]) -> str:
             "| clients | system | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
             "|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        entries = [(lv["concurrency"], s, lv[s]) for lv in row["levels"] for s in SYSTEMS if s in lv]
+        entries = [(lv["concurrency"], s, lv[s]) for lv in row["levels"] for s in _systems(lv)]
         llama = row.get("llama_cpp", {})
         if "tokens_per_s" in llama:
             entries.append((1, "llama.cpp (sequential)", llama))
@@ -100,11 +118,38 @@ def format_report(result: dict[str, Any]) -> str:
             p = row["parity"]
             same = f"{p['identical']}/{p['prompts']}"
             lines.append(f"greedy parity: {same} prompts identical over {p['new_tokens']} tokens")
+        if "weights" in row:
+            lines += ["", *_weights_table(row)]
     lines.append("")
     for t in result["targets"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["met"]]
         lines.append(f"{verdict} {t['model']}: {t['target']}: {num(t['ratio'])}")
     return "\n".join(lines)
+
+
+def _weights_table(row: dict[str, Any]) -> list[str]:
+    """Per weight format: tokens/s at the lowest concurrency, against llama.cpp, and accuracy against fp."""
+    low = min(row["levels"], key=lambda lv: lv["concurrency"])
+    theirs = row.get("llama_cpp", {}).get("tokens_per_s")
+    lines = [
+        f"| weights | tok/s at {low['concurrency']} client(s) | ITL p50 ms | vs llama.cpp | perplexity "
+        "| greedy identical to fp | agreement before the first difference |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w, acc in row["weights"].items():
+        f = low.get(ours_system(w), {})
+        ours = f.get("tokens_per_s")
+        vs = f"{ours / theirs:.2f}x" if ours and theirs else "-"
+        lines.append(
+            f"| {w} | {num(ours)} | {num(f.get('itl_p50_ms'))} | {vs} | {acc['perplexity']:.3f} "
+            f"| {acc['identical_to_fp']}/{acc['prompts']} | {acc['prefix_agreement']:.1%} |"
+        )
+    first = next(iter(row["weights"].values()))
+    lines.append(
+        f"perplexity over {first['perplexity_tokens']} tokens of fixed text; greedy agreement over "
+        f"{first['prompts']} prompts x {first['new_tokens']} tokens"
+    )
+    return lines
 
 
 def cpu_model() -> str:

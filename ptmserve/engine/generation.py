@@ -234,9 +234,10 @@ class GenerationRunner:
                 seq.computed += n
             ready = [(row, s) for row, (s, _) in enumerate(planned) if s.pending == 0]
             if ready:
-                rows = torch.tensor([row for row, _ in ready], device=logits.device)
+                if len(ready) < len(planned):  # else every row, in order: no copy
+                    logits = logits.index_select(0, torch.tensor([r for r, _ in ready], device=logits.device))
                 picked = sample(
-                    logits.index_select(0, rows),
+                    logits,
                     [s.work.sampling for _, s in ready],
                     [s.generator for _, s in ready],
                 )

@@ -42,29 +42,40 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place ops on fresh tensors: a decode step runs 2 norms per layer on a single row, where
+        # each allocation costs about as much as the arithmetic.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = (h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()).to(x.dtype)
+        if self.weight.dtype == h.dtype and not torch.is_grad_enabled():
+            return h.mul_(self.weight)
+        return self.weight * h
 
 
 def rope_tables(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` ``(T, 1, head_dim)`` of the rotate-half RoPE at ``positions``, computed in float32
-    then cast to ``dtype`` (Hugging Face's default rotary embedding)."""
+    then cast to ``dtype`` (Hugging Face's default rotary embedding), for ``apply_rope``: the first half
+    of ``sin`` is negated (the sign of rotate-half's ``-x2``)."""
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
     )
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(T, heads, d)`` rotated by position (rotate-half convention: q/k in Hugging Face layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """``x`` ``(T, heads, d)`` rotated by position (rotate-half convention: q/k in Hugging Face layout);
+    ``cos, sin`` from ``rope_tables``.
+
+    ``x * cos + cat(-x2, x1) * sin`` as ``x * cos + cat(x2, x1) * sin'`` with ``sin'`` negated on the
+    first half: bit for bit the same (a sign flip is exact), in 4 ops instead of 7.
+    """
+    rotated = torch.roll(x, x.shape[-1] // 2, -1).mul_(sin)  # cat(x2, x1) * sin'
+    return torch.mul(x, cos).add_(rotated)
 
 
 def swiglu(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> torch.Tensor:

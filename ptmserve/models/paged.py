@@ -123,6 +123,10 @@ class KVCache:
         self.k = _zeros(shape, dtype, device)
         self.v = _zeros(shape, dtype, device)
         self.block_size = block_size
+        # per-layer views made once: a decode step asks for them in every layer
+        self._blocks = [(self.k[i], self.v[i]) for i in range(num_layers)]
+        flat = (num_blocks * block_size, num_kv_heads, head_dim)
+        self._flat = [(k.view(flat), v.view(flat)) for k, v in self._blocks]
 
     @classmethod
     def for_config(
@@ -171,13 +175,12 @@ class KVCache:
 
     def layer_blocks(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s keys and values by block ``(num_blocks, block_size, kv_heads, head_dim)`` (views)."""
-        return self.k[i], self.v[i]
+        return self._blocks[i]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s keys and values as flat slots ``(num_blocks * block_size, kv_heads, head_dim)``
         (views: writing them writes the cache)."""
-        _, n, bs, h, d = self.k.shape
-        return self.k[i].view(n * bs, h, d), self.v[i].view(n * bs, h, d)
+        return self._flat[i]
 
 
 # --------------------------------------------------------------------------------------- step batch
@@ -317,15 +320,21 @@ class PrefillPart:
 class DecodeBucket:
     """Single-token sequences of similar context length: one padded attention call for all of them."""
 
-    rows: torch.Tensor  # (n,) int64 their rows in the step
+    rows: torch.Tensor  # (n,) int64 their rows in the step, ascending
     blocks: torch.Tensor  # (n, nb) int64 cache blocks of each context, in order (padding: block 0)
     mask: torch.Tensor | None  # (n, 1, 1, nb * block_size) bool, True on real keys; None: none padded
+    # One sequence whose blocks are consecutive ids: its keys are read in place, no gather.
+    first_block: int | None = None  # its first block
+    length: int = 0  # its context length (the keys read in place)
+    # (cache, keys, values): every layer's keys and values read in place, made by the first layer
+    in_place: tuple[KVCache, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
 class PagedPlan:
     prefills: list[PrefillPart]
     decodes: list[DecodeBucket]
+    all_decode: bool = False  # one bucket holds every row of the step, in row order
 
 
 def _context_slots(batch: StepBatch, rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -365,22 +374,29 @@ def make_paged_plan(batch: StepBatch) -> PagedPlan:
         longest = batch.context_lens_host[order[0]]
         members = [b for b in order if 2 * batch.context_lens_host[b] > longest]
         order = order[len(members) :]
-        lengths = [batch.context_lens_host[b] for b in members]
-        nb = blocks_needed(longest, batch.block_size)
-        width = nb * batch.block_size  # whole blocks are read: keys past a context's end are masked
-        mask = None
-        if min(lengths) < width:
-            lens = torch.tensor(lengths, device=device)
-            mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        tables = batch.block_tables.index_select(0, torch.tensor(members, device=device))[:, :nb]
-        buckets.append(
-            DecodeBucket(
-                rows=torch.tensor([starts[b] for b in members], dtype=torch.int64, device=device),
-                blocks=tables.long(),
-                mask=mask,
-            )
-        )
-    return PagedPlan(prefills, buckets)
+        members.sort()  # in row order: a bucket of every row needs no scatter back
+        buckets.append(_decode_bucket(batch, members, [starts[b] for b in members], longest))
+    all_decode = not prefills and len(buckets) == 1 and len(decodes) == batch.num_seqs
+    return PagedPlan(prefills, buckets, all_decode)
+
+
+def _decode_bucket(batch: StepBatch, members: list[int], rows: list[int], longest: int) -> DecodeBucket:
+    """The bucket of decoding sequences ``members`` (at ``rows`` of the step)."""
+    device = batch.input_ids.device
+    lengths = [batch.context_lens_host[b] for b in members]
+    nb = blocks_needed(longest, batch.block_size)
+    width = nb * batch.block_size  # whole blocks are read: keys past a context's end are masked
+    tables = batch.block_tables.index_select(0, torch.tensor(members, device=device))[:, :nb]
+    row_ids = torch.tensor(rows, dtype=torch.int64, device=device)
+    if len(members) == 1:
+        table = tables[0].tolist()  # host-side, once per step (tiny)
+        if table == list(range(table[0], table[0] + nb)):
+            return DecodeBucket(row_ids, tables.long(), None, first_block=table[0], length=lengths[0])
+    mask = None
+    if min(lengths) < width:
+        lens = torch.tensor(lengths, device=device)
+        mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    return DecodeBucket(row_ids, tables.long(), mask)
 
 
 def paged_attention(
@@ -405,6 +421,8 @@ def paged_attention(
     kc.index_copy_(0, batch.slot_mapping, k)
     vc.index_copy_(0, batch.slot_mapping, v)
     plan = batch.attention_plan()
+    if plan.all_decode:  # every row decodes, in one bucket: no scatter into ``out``
+        return _decode_attention(q, plan.decodes[0], cache, layer, everything=True).reshape(t, nh * d)
     out = q.new_empty(t, nh, d)
     for part in plan.prefills:
         s, e = part.rows
@@ -423,15 +441,41 @@ def paged_attention(
             enable_gqa=rep > 1,
         )[0]  # (nh, q, d)
         out[s:e] = o.transpose(0, 1)
-    kb, vb = cache.layer_blocks(layer)  # (num_blocks, block_size, kvh, d)
     for bucket in plan.decodes:
-        n, nb = bucket.blocks.shape
-        w = nb * cache.block_size
-        flat = bucket.blocks.reshape(-1)  # whole blocks are copied, not slot by slot
-        # the query heads that share a kv head sit side by side as a "query length": kv heads not repeated
-        qd = q.index_select(0, bucket.rows).view(n, kvh, rep, d)
-        kd = kb.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)  # (n, kvh, W, d)
-        vd = vb.index_select(0, flat).view(n, w, kvh, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)  # (n, kvh, rep, d)
-        out.index_copy_(0, bucket.rows, o.reshape(n, nh, d))
+        o = _decode_attention(q, bucket, cache, layer, everything=False)  # (n, kvh, rep, d)
+        out.index_copy_(0, bucket.rows, o.reshape(-1, nh, d))
     return out.view(t, nh * d)
+
+
+def _decode_attention(
+    q: torch.Tensor, bucket: DecodeBucket, cache: KVCache, layer: int, *, everything: bool
+) -> torch.Tensor:
+    """Attention of a bucket's single-token queries over their keys in layer ``layer`` of ``cache``:
+    ``(n, kvh, rep, d)``. ``everything``: the bucket holds all of ``q``'s rows, in order."""
+    n, nb = bucket.blocks.shape
+    kb, vb = cache.layer_blocks(layer)  # (num_blocks, block_size, kvh, d)
+    bs, kvh, d = kb.shape[1:]
+    # the query heads that share a kv head sit side by side as a "query length": kv heads not repeated
+    qd = (q if everything else q.index_select(0, bucket.rows)).view(n, kvh, q.shape[1] // kvh, d)
+    if bucket.first_block is not None:  # consecutive blocks: read the keys in place
+        if bucket.in_place is None or bucket.in_place[0] is not cache:
+            bucket.in_place = (cache, *_in_place(cache, bucket.first_block, nb, bucket.length))
+        kd, vd = bucket.in_place[1][layer], bucket.in_place[2][layer]  # (1, kvh, L, d)
+    else:
+        flat = bucket.blocks.reshape(-1)  # whole blocks are copied, not slot by slot
+        kd = kb.index_select(0, flat).view(n, nb * bs, kvh, d).transpose(1, 2)  # (n, kvh, W, d)
+        vd = vb.index_select(0, flat).view(n, nb * bs, kvh, d).transpose(1, 2)
+    return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bucket.mask)
+
+
+def _in_place(cache: KVCache, first: int, blocks: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of positions ``0..length-1`` of a sequence that owns blocks ``first ..
+    first+blocks-1``, in every layer: views ``(layers, 1, kvh, length, d)`` of the cache (made once per
+    step, so that a layer takes its own with one index)."""
+    layers, _, bs, kvh, d = cache.k.shape
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        flat = x[:, first : first + blocks].view(layers, 1, blocks * bs, kvh, d)  # (layers, 1, W, kvh, d)
+        return flat[:, :, :length].transpose(2, 3)
+
+    return view(cache.k), view(cache.v)

@@ -143,6 +143,28 @@ def test_prefill_and_decode_steps_match_transformers(
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-untied"])
+def test_a_decode_reads_scattered_and_consecutive_blocks_alike(
+    variant: str, tiny: dict[str, Tiny], models: dict[str, Decoder]
+) -> None:
+    """One decoding sequence reads its keys in place when its blocks are consecutive ids, and gathers
+    them when they are not: the same logits either way (transformers' too)."""
+    tokens = _tokens(19, seed=4)
+    want = tiny[variant].reference(tokens)
+    model = models[variant]
+    got = {}
+    for kind, table in (("consecutive", [3, 4, 5, 6, 7]), ("scattered", [9, 2, 7, 0, 5])):
+        cache = KVCache.for_config(model.config, 10, BLOCK)
+        model.forward_step(make_step_batch([(tokens[:12], 0, table)], BLOCK), cache)
+        for p in range(12, 19):
+            batch = make_step_batch([(tokens[p : p + 1], p, table)], BLOCK)
+            (bucket,) = batch.attention_plan().decodes
+            assert (bucket.first_block is not None) == (kind == "consecutive")
+            got[kind] = model.forward_step(batch, cache)[0]
+            torch.testing.assert_close(got[kind], want[p], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(got["consecutive"], got["scattered"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa-untied"])
 def test_packed_prefill_equals_each_sequence_alone(variant: str, models: dict[str, Decoder]) -> None:
     prompts = {f"s{i}": _tokens(n, seed=10 + i) for i, n in enumerate((5, 9, 1, 13))}
     packed = Session(models[variant])

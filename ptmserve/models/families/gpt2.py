@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmserve.errors import InvalidCheckpoint
+from ptmserve.models import quant
 from ptmserve.models.decoder import Decoder, StepContext, decoder_group_names
 from ptmserve.models.names import Hook, NameTable
 from ptmserve.models.paged import paged_attention
@@ -179,10 +180,10 @@ class GPT2(Decoder):
         x = layer.attn_norm(hidden)
         q, k, v = (proj(x).view(t, nh, d) for proj in (layer.q, layer.k, layer.v))  # (T, nh, d)
         hidden = hidden + layer.o(paged_attention(q, k, v, i, step.batch, step.cache))
-        return hidden + layer.down(self._act(layer.up(layer.ffn_norm(hidden))))
+        return hidden.add_(layer.down(self._act(layer.up(layer.ffn_norm(hidden)))))  # fresh: in place
 
     def lm_logits(self, last: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.head.norm(last), self.embeddings.word.weight).float()  # (B, V)
+        return quant.project(self.head.norm(last), self.embeddings.word).float()  # (B, V), any format
 
 
 def _conv1d(tensor: torch.Tensor, param: str) -> torch.Tensor:
@@ -225,5 +226,6 @@ FAMILY = register(
         group_names=decoder_group_names,
         generates=True,
         tied_groups=lambda config: frozenset({"embeddings"}),  # the LM head reads the word embeddings
+        quantized_head=True,  # lm_logits projects through quant.project: the tied embedding may be int8
     )
 )

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptmserve.errors import InvalidCheckpoint
+from ptmserve.models import quant
 from ptmserve.models.decoder import (
     Decoder,
     RMSNorm,
@@ -196,12 +196,12 @@ class Llama(Decoder):
         q = apply_rope(layer.q(x).view(t, cfg.num_heads, d), cos, sin)  # (T, nh, d)
         k = apply_rope(layer.k(x).view(t, cfg.num_kv_heads, d), cos, sin)  # (T, kvh, d)
         v = layer.v(x).view(t, cfg.num_kv_heads, d)
-        hidden = hidden + layer.o(paged_attention(q, k, v, i, step.batch, step.cache))
-        return hidden + swiglu(layer.ffn_norm(hidden), layer.gate, layer.up, layer.down)
+        hidden = hidden + layer.o(paged_attention(q, k, v, i, step.batch, step.cache))  # a fresh tensor:
+        return hidden.add_(swiglu(layer.ffn_norm(hidden), layer.gate, layer.up, layer.down))  # in place
 
     def lm_logits(self, last: torch.Tensor) -> torch.Tensor:
-        weight = self.embeddings.word.weight if self.head.lm is None else self.head.lm.weight
-        return F.linear(self.head.norm(last), weight).float()  # (B, V)
+        head = self.embeddings.word if self.head.lm is None else self.head.lm
+        return quant.project(self.head.norm(last), head).float()  # (B, V), whatever the weight format
 
 
 NAMES = NameTable(
@@ -236,5 +236,6 @@ FAMILY = register(
         tied_groups=lambda config: (
             frozenset({"embeddings"}) if config.tie_word_embeddings else frozenset()
         ),  # the LM head reads the word embeddings
+        quantized_head=True,  # lm_logits projects through quant.project: the tied embedding may be int8
     )
 )
