@@ -1,4 +1,5 @@
-"""``ptmserve bench encoder``: our padding-free encoder against Hugging Face ``transformers``.
+"""``ptmserve bench encoder``: our padding-free encoder against Hugging Face ``transformers`` and,
+when it imports, ONNX Runtime (padded and length-bucketed; ``encoder_ort.py``).
 
 For the packaged all-MiniLM-L6-v2 and a random BERT-base-shaped model, in float32 and bfloat16: the same
 weights, the same inputs (seeded lengths uniform in ``[min_len, max_len]``), HF run as its users run it
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ptmserve.bench import encoder_ort
 from ptmserve.bench.peak import matmul_peak_flops
 from ptmserve.models import registry
 from ptmserve.models.config import EncoderConfig, Pooling
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_SPEEDUP = 1.5
 TARGET_SHARE = 0.40
+TARGET_VS_ORT = 1.0  # issue 14: ours / ORT length-bucketed, fp32
+TARGET_INT8_SPEEDUP = 1.5  # issue 14: int8 weights vs our fp32 ...
+TARGET_INT8_COSINE = 0.995  # ... at this smallest cosine to fp32's embeddings
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
@@ -49,6 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input lengths and ids")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--ort",
+        choices=("auto", "off"),
+        default="auto",
+        help="compare with ONNX Runtime when it imports (auto, the default) or not (off)",
+    )
+    parser.add_argument(
+        "--ort-graph",
+        choices=encoder_ort.GRAPHS,
+        default="fused",
+        help="ORT graph: fused (BERT fusions of onnxruntime.transformers, the default) or plain export",
+    )
+    parser.add_argument(
+        "--weights",
+        default="fp",
+        help="comma-separated weight formats to time against our fp32 (fp, int8, int4; default fp only)",
+    )
     parser.add_argument(
         "--models",
         default="minilm,bert-base",
@@ -74,16 +96,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks = {name: matmul_peak_flops(dt, device, seconds=peak_seconds) for name, dt in DTYPES.items()}
     models = {"minilm": ("all-MiniLM-L6-v2", _minilm), "bert-base": ("bert-base (random)", _bert_base)}
     chosen = [models[m.strip()] for m in args.models.split(",") if m.strip()]
+    use_ort = args.ort == "auto" and device.type == "cpu" and encoder_ort.available()
+    formats = [w.strip() for w in args.weights.split(",") if w.strip() not in ("", "fp")]
+    weight_rows: list[dict[str, Any]] = []
     for model_name, make in chosen:
+        ort_model = None
         for dtype_name, dtype in DTYPES.items():
             peaks[dtype_name] = max(peaks[dtype_name], matmul_peak_flops(dtype, device, seconds=peak_seconds))
             ours, hf, cfg = make(dtype, device)
             if cfg.vocab_size not in ids_by_vocab:
                 ids_by_vocab[cfg.vocab_size] = _inputs(args, batch_size, cfg.vocab_size)
-            row = _measure(ours, hf, cfg, ids_by_vocab[cfg.vocab_size], runs, device)
+            if use_ort and dtype == torch.float32:  # ORT on the CPU runs these graphs in fp32 only
+                ort_model = encoder_ort.export(hf, cfg.pad_token_id, graph=args.ort_graph)
+            run_ort = ort_model if dtype == torch.float32 else None
+            row = _measure(ours, hf, cfg, ids_by_vocab[cfg.vocab_size], runs, device, run_ort)
             row.update(model=model_name, dtype=dtype_name)
             rows.append(row)
+            if formats and dtype == torch.float32:
+                for w in _measure_weights(ours, cfg, ids_by_vocab[cfg.vocab_size], formats, runs, device):
+                    weight_rows.append(dict(w, model=model_name))
             del ours, hf
+        del ort_model
+    _compare_with_ort(rows)
     for row in rows:
         row["peak_gflops"] = peaks[row["dtype"]] / 1e9
         row["share_of_peak"] = row["ours_gflops"] / row["peak_gflops"]
@@ -94,6 +128,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r["share_of_peak"] >= TARGET_SHARE for r in bf16_base
         ),
     }
+    int8 = [r for r in weight_rows if r["weights"] == "int8"]
+    if int8:
+        name = (
+            f"int8 >= {TARGET_INT8_SPEEDUP}x our fp32 at smallest cosine >= {TARGET_INT8_COSINE}, every model"
+        )
+        targets[name] = all(
+            r["vs_fp32"] >= TARGET_INT8_SPEEDUP and r["min_cosine"] >= TARGET_INT8_COSINE for r in int8
+        )
+    ort_rows = [r for r in rows if "ort_bucketed_s" in r]  # the fp32 rows, where ORT ran
+    if ort_rows:
+        targets[f"ours/ORT length-bucketed >= {TARGET_VS_ORT}x in fp32 on every model"] = all(
+            r["vs_ort_bucketed"] >= TARGET_VS_ORT for r in ort_rows
+        )
     attention = [] if quick else _attention_options(batch_size, args, device)
     result = {
         "command": "ptmserve bench encoder" + (" --quick" if quick else ""),
@@ -104,7 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "onnxruntime": _version("onnxruntime") if use_ort else None,
+        "ort_graph": args.ort_graph if use_ort else None,
         "rows": rows,
+        "weight_rows": weight_rows,
         "targets": targets,
         "attention_options": attention,
     }
@@ -129,6 +179,34 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['peak_gflops']:.0f} | {r['share_of_peak']:.0%} | {r['hf_attn']} "
             f"| {r['max_cosine_gap']:.1e} |"
         )
+    ort_rows = [r for r in result["rows"] if "vs_ort_bucketed" in r]
+    if ort_rows:
+        lines += [
+            "",
+            "| model | dtype | ours tok/s | ORT padded tok/s | ORT bucketed tok/s "
+            "| ours/ORT-bucketed (median) | ours/ORT-bucketed (best) | ours/ORT-padded | ORT 1 - min cos |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in ort_rows:
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {r['ours_tokens_per_s']:,.0f} "
+                f"| {r['ort_padded_tokens_per_s']:,.0f} | {r['ort_bucketed_tokens_per_s']:,.0f} "
+                f"| {r['vs_ort_bucketed']:.2f}x | {r['vs_ort_bucketed_best']:.2f}x "
+                f"| {r['vs_ort_padded']:.2f}x | {r['ort_max_cosine_gap']:.1e} |"
+            )
+        if any(r["dtype"] != "fp32" for r in ort_rows):
+            lines.append("\n(ORT runs these graphs in fp32 only: bf16 rows compare with the fp32 ORT run)")
+    if result.get("weight_rows"):
+        lines += [
+            "",
+            "| model | weights | tok/s | vs our fp32 (median) | vs our fp32 (best) | min cosine to fp32 |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in result["weight_rows"]:
+            lines.append(
+                f"| {r['model']} | {r['weights']} | {r['tokens_per_s']:,.0f} | {r['vs_fp32']:.2f}x "
+                f"| {r['vs_fp32_best']:.2f}x | {r['min_cosine']:.4f} |"
+            )
     for name, met in result.get("targets", {}).items():
         lines.append(f"\ntarget {name}: {'met' if met else 'NOT met'}")
     if result["attention_options"]:
@@ -160,11 +238,14 @@ def _minilm(dtype: torch.dtype, device: torch.device) -> tuple[Encoder, torch.nn
     return ours, hf, ck.config
 
 
-def _bert_base(dtype: torch.dtype, device: torch.device) -> tuple[Encoder, torch.nn.Module, EncoderConfig]:
+def _bert_base(
+    dtype: torch.dtype, device: torch.device, shape: dict[str, int] | None = None
+) -> tuple[Encoder, torch.nn.Module, EncoderConfig]:
+    """A random BERT of ``shape`` (``BertConfig`` keywords; default BERT-base) on both sides."""
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.BertModel(transformers.BertConfig(**BERT_BASE)).eval()
+    hf = transformers.BertModel(transformers.BertConfig(**(shape or BERT_BASE))).eval()
     cfg = EncoderConfig.from_hf(hf.config.to_dict())
     state = hf.state_dict()
     tensors = registry.get("bert").names.convert(state, with_head=False, family="bert")
@@ -179,6 +260,27 @@ def _useful_flops(cfg: EncoderConfig, lengths: list[int]) -> float:
     return float(cfg.num_layers * per_layer)
 
 
+def _version(module: str) -> str:
+    from importlib.metadata import version
+
+    return version(module)
+
+
+def _compare_with_ort(rows: list[dict[str, Any]]) -> None:
+    """Give every row of a model the ORT figures of that model's fp32 row (ORT runs fp32 only), and
+    the ratios ours / ORT."""
+    measured = {r["model"]: r for r in rows if "ort_bucketed_s" in r}
+    for row in rows:
+        ort = measured.get(row["model"])
+        if ort is None:
+            continue
+        for key in ("ort_padded_tokens_per_s", "ort_bucketed_tokens_per_s", "ort_max_cosine_gap"):
+            row.setdefault(key, ort[key])
+        row["vs_ort_bucketed"] = ort["ort_bucketed_s"] / row["ours_s"]
+        row["vs_ort_bucketed_best"] = ort["ort_bucketed_best_s"] / row["ours_best_s"]
+        row["vs_ort_padded"] = ort["ort_padded_s"] / row["ours_s"]
+
+
 def _measure(
     ours: Encoder,
     hf: torch.nn.Module,
@@ -186,6 +288,7 @@ def _measure(
     ids: list[list[int]],
     runs: int,
     device: torch.device,
+    ort: encoder_ort.OrtEncoder | None = None,
 ) -> dict[str, Any]:
     pooling = Pooling(mode="mean", normalize=True)
 
@@ -205,16 +308,26 @@ def _measure(
         pooled = (last.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return F.normalize(pooled, dim=-1)
 
+    fns: dict[str, Callable[[], torch.Tensor]] = {"ours": run_ours, "hf": run_hf}
+    if ort is not None:
+        fns["ort_padded"] = functools.partial(ort.embed, ids, 1)
+        fns["ort_bucketed"] = functools.partial(ort.embed, ids, encoder_ort.BUCKETS)
     with torch.inference_mode():
-        gap = 1.0 - F.cosine_similarity(run_ours(), run_hf(), dim=-1).min().item()  # doubles as warm-up
-        times_ours, times_hf = [], []
-        for _ in range(runs):  # interleaved, so a noisy neighbour slows both alike
-            times_ours.append(_timed(run_ours, device))
-            times_hf.append(_timed(run_hf, device))
+        ref = run_ours()  # the untimed runs double as warm-ups
+        gaps = {
+            n: 1.0 - F.cosine_similarity(ref, fn(), dim=-1).min().item()
+            for n, fn in fns.items()
+            if n != "ours"
+        }
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(runs):  # interleaved, so a noisy neighbour slows all alike
+            for n, fn in fns.items():
+                times[n].append(_timed(fn, device))
+    times_ours, times_hf = times["ours"], times["hf"]
     tokens = sum(len(s) for s in ids)
     t_ours, t_hf = statistics.median(times_ours), statistics.median(times_hf)
     flops = _useful_flops(cfg, [len(s) for s in ids])
-    return {
+    row = {
         "tokens": tokens,
         "padded_tokens": len(ids) * max(len(s) for s in ids),
         "ours_s": t_ours,
@@ -225,8 +338,64 @@ def _measure(
         "speedup_best": min(times_hf) / min(times_ours),
         "ours_gflops": flops / t_ours / 1e9,
         "hf_attn": str(getattr(hf.config, "_attn_implementation", "?")),
-        "max_cosine_gap": gap,
+        "max_cosine_gap": gaps["hf"],
+        "ours_best_s": min(times_ours),
     }
+    if ort is not None:
+        for n in ("ort_padded", "ort_bucketed"):
+            row[f"{n}_s"] = statistics.median(times[n])
+            row[f"{n}_best_s"] = min(times[n])
+            row[f"{n}_tokens_per_s"] = tokens / row[f"{n}_s"]
+        row["ort_max_cosine_gap"] = max(gaps["ort_padded"], gaps["ort_bucketed"])
+    return row
+
+
+def _measure_weights(
+    ours: Encoder,
+    cfg: EncoderConfig,
+    ids: list[list[int]],
+    formats: list[str],
+    runs: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Our encoder with its weights in each of ``formats`` (``models/quant.py``, built from ``ours``'s
+    fp32 weights) against ``ours`` itself: tokens/s, ratio, smallest cosine of the embeddings; timed
+    runs interleaved with fp32's."""
+    from ptmserve.models import quant
+
+    pooling = Pooling(mode="mean", normalize=True)
+    state = ours.state_dict()
+    models = {"fp32": ours}
+    for fmt in formats:
+        models[fmt] = quant.load_module(
+            cfg.family, cfg, state, fmt, device=device, dtype=torch.float32
+        ).eval()
+
+    def runner(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: (
+            model(pack(ids, position_offset=cfg.position_offset, device=device), pooling).embeddings
+        )
+
+    fns = {name: runner(m) for name, m in models.items()}
+    with torch.inference_mode():
+        ref = fns["fp32"]()
+        cos = {n: F.cosine_similarity(ref, fn(), dim=-1).min().item() for n, fn in fns.items()}
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(runs):
+            for n, fn in fns.items():
+                times[n].append(_timed(fn, device))
+    tokens = sum(len(s) for s in ids)
+    fp = statistics.median(times["fp32"])
+    return [
+        {
+            "weights": n,
+            "tokens_per_s": tokens / statistics.median(t),
+            "vs_fp32": fp / statistics.median(t),
+            "vs_fp32_best": min(times["fp32"]) / min(t),
+            "min_cosine": cos[n],
+        }
+        for n, t in times.items()
+    ]
 
 
 def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> float:

@@ -102,12 +102,15 @@ class AttentionPlan:
 
     ``rows.index_select(0, gather)`` lays packed rows out as padded slots (padding slots repeat a real
     row of the same sequence: any finite values do, the mask hides them as keys and their outputs are
-    dropped); ``padded.index_select(0, unpad)`` brings padded slots back to packed order.
+    dropped); ``padded.index_select(0, unpad)`` brings padded slots back to packed order;
+    ``out.index_copy_(0, scatter[a:b], padded[a:b])`` into ``out`` of ``T + 1`` rows does the same one
+    bucket at a time (padding slots all land in the spare row ``T``).
     """
 
     buckets: list[Bucket]
     gather: torch.Tensor  # (S,) int64 packed row of each padded slot
     unpad: torch.Tensor  # (T,) int64 padded slot of each packed row
+    scatter: torch.Tensor  # (S,) int64 packed row of each padded slot, T for padding slots
     _additive: dict[torch.dtype, list[torch.Tensor | None]] = field(default_factory=dict, repr=False)
 
     def additive_masks(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
@@ -140,7 +143,8 @@ def make_plan(
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     count = min(max_buckets, n)
-    buckets, gather, unpad = [], [], [0] * sum(lengths)
+    total = sum(lengths)
+    buckets, gather, unpad, scatter = [], [], [0] * total, []
     for j in range(count):
         members = tuple(order[j * n // count : (j + 1) * n // count])
         width = max(lengths[i] for i in members)
@@ -151,6 +155,8 @@ def make_plan(
             unpad[starts[i] : starts[i] + lengths[i]] = range(slot, slot + lengths[i])
             gather.extend(seq_rows)
             gather.extend([starts[i]] * (width - lengths[i]))
+            scatter.extend(seq_rows)
+            scatter.extend([total] * (width - lengths[i]))
         mask = None
         if any(lengths[i] != width for i in members):
             lens = torch.tensor([lengths[i] for i in members])
@@ -160,6 +166,7 @@ def make_plan(
         buckets=buckets,
         gather=torch.tensor(gather, dtype=torch.int64).to(device),
         unpad=torch.tensor(unpad, dtype=torch.int64).to(device),
+        scatter=torch.tensor(scatter, dtype=torch.int64).to(device),
     )
 
 

@@ -42,6 +42,10 @@ def test_plan_covers_every_token_once():
     # every packed row goes to a slot that gathers that same row
     assert torch.equal(plan.gather[plan.unpad], torch.arange(sum(lengths)))
     assert len(set(plan.unpad.tolist())) == sum(lengths)
+    # scatter sends each padded slot to the row it gathered from; padding slots to the spare row T
+    real = plan.scatter < sum(lengths)
+    assert torch.equal(plan.scatter[real], plan.gather[real]) and int(real.sum()) == sum(lengths)
+    assert torch.equal(plan.scatter[plan.unpad], torch.arange(sum(lengths)))
     assert plan.buckets[0].mask is not None  # lengths 1 and 2
     assert plan.buckets[2].mask is not None and plan.buckets[2].mask.shape == (3, 1, 1, 30)
     (same,) = make_plan([4, 4, 4], "cpu", max_buckets=1).buckets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from ptmserve.bench import encoder as bench
@@ -49,3 +50,61 @@ def test_format_table_reports_targets():
     text = bench.format_table({"rows": [row], "targets": {"x": True, "y": False}, "attention_options": []})
     assert "| m | bf16 | 10 | 5 | 2.00x | 2.10x | 50 | 100 | 50% | sdpa |" in text
     assert "target x: met" in text and "target y: NOT met" in text
+
+
+TINY_BERT = dict(
+    vocab_size=1200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+)
+
+
+def test_measure_against_onnxruntime_on_a_tiny_bert():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from ptmserve.bench import encoder_ort
+
+    ours, hf, cfg = bench._bert_base(torch.float32, torch.device("cpu"), TINY_BERT)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    ids = bench._inputs(parser.parse_args(["--min-len", "3", "--max-len", "40"]), 11, cfg.vocab_size)
+    rows = []
+    for graph in encoder_ort.GRAPHS:
+        ort = encoder_ort.export(hf, cfg.pad_token_id, graph=graph)
+        with torch.inference_mode():  # bucketed keeps the input order
+            assert torch.allclose(ort.embed(ids, 1), ort.embed(ids, encoder_ort.BUCKETS), atol=1e-5)
+        row = bench._measure(ours, hf, cfg, ids, 1, torch.device("cpu"), ort)
+        assert row["ort_max_cosine_gap"] < 1e-5 and row["max_cosine_gap"] < 1e-5
+        assert row["ort_bucketed_tokens_per_s"] > 0 and row["ort_padded_tokens_per_s"] > 0
+        rows.append(dict(row, model=graph, dtype="fp32"))
+    bf16 = dict(rows[0], dtype="bf16")  # a row of the same model where ORT did not run
+    for key in [k for k in bf16 if k.startswith("ort_")]:
+        del bf16[key]
+    rows.append(bf16)
+    bench._compare_with_ort(rows)
+    assert rows[-1]["vs_ort_bucketed"] == rows[0]["ort_bucketed_s"] / rows[-1]["ours_s"]
+    for r in rows:
+        r.update(peak_gflops=1.0, share_of_peak=0.5)
+    text = bench.format_table({"rows": rows, "targets": {}, "attention_options": []})
+    assert "ours/ORT-bucketed (median)" in text and "fp32 ORT run" in text
+
+
+def test_onnxruntime_comparison_is_skipped_without_it(monkeypatch):
+    from ptmserve.bench import encoder_ort
+
+    monkeypatch.setattr(encoder_ort.importlib.util, "find_spec", lambda name: None)
+    assert not encoder_ort.available()
+
+
+def test_measure_weights_on_a_tiny_bert():
+    pytest.importorskip("ptmserve.models.quant")
+    ours, _, cfg = bench._bert_base(torch.float32, torch.device("cpu"), dict(TINY_BERT, hidden_size=64))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    ids = bench._inputs(parser.parse_args(["--min-len", "3", "--max-len", "40"]), 9, cfg.vocab_size)
+    rows = bench._measure_weights(ours, cfg, ids, ["int8"], 1, torch.device("cpu"))
+    assert [r["weights"] for r in rows] == ["fp32", "int8"]
+    assert rows[0]["min_cosine"] > 0.9999 and rows[0]["vs_fp32"] == 1.0
+    assert 0.9 < rows[1]["min_cosine"] <= 1.0 and rows[1]["tokens_per_s"] > 0
+    text = bench.format_table(
+        {"rows": [], "weight_rows": [dict(r, model="m") for r in rows], "attention_options": []}
+    )
+    assert "| m | int8 |" in text
