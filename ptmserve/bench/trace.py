@@ -50,7 +50,7 @@ from ptmserve.engine.policies import PolicyName, make_policy
 from ptmserve.engine.requests import ClassDefaults, Outcome, deadline_from, request_class
 from ptmserve.engine.scheduler import Scheduler, SchedulerLimits
 from ptmserve.engine.simulator import Arrival, Record, SimClock, SimConfig, simulate
-from ptmserve.errors import DeadlineExceeded, Overloaded
+from ptmserve.errors import DeadlineExceeded, InvalidInput, Overloaded
 from ptmserve.memory.placement import DEVICE, PLACEMENTS
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "router and Ray's default one (trace_ray.py)",
     )
     p.add_argument("--replicas", type=int, default=2, help="ray mode: engine replicas (%(default)s)")
+    p.add_argument(
+        "--weights",
+        default="fp",
+        choices=("fp", "int8", "int4"),
+        help="real and ray modes: the trace models' weight format, under the same device budget in bytes "
+        "(that of --device-models bf16 models), so smaller weights fit more models (%(default)s)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     p.add_argument("--models", type=int, help="models in the trace (default: 16 real, 100 sim)")
@@ -296,18 +303,22 @@ def placed_sizes(
 ) -> tuple[dict[str, int], list[str]]:
     """Device bytes of each trace model under ``placement``, and the load groups it leaves on the host.
 
-    Real mode: as the engine's weight manager places the real models (under ``auto`` they are profiled
-    first, and the profiles stored for the engine to read). Sim mode: ``--model-bytes`` less the share
-    of a MiniLM-shaped model's bytes the placement leaves on the host (``--host-share``, else measured).
+    Real and ray modes: as the engine's weight manager places the real models, stored in ``--weights``
+    (under ``auto`` they are profiled first, and the profiles stored for the engine to read). Sim mode:
+    ``--model-bytes`` less the share of a MiniLM-shaped model's bytes the placement leaves on the host
+    (``--host-share``, else measured).
     """
     names = spec.model_names()
-    if placement == DEVICE:
+    weights = getattr(args, "weights", "fp")
+    if placement == DEVICE and weights == "fp":
         return {m: args.model_bytes for m in names}, []
-    if args.mode == "real":
+    if args.mode in ("real", "ray"):
         from ptmserve.bench.trace_real import placed_bytes
 
-        sizes, groups = placed_bytes(spec, placement)
+        sizes, groups = placed_bytes(spec, placement, weights)
         return sizes, groups
+    if weights != "fp":
+        raise InvalidInput("--weights needs --mode real or ray (the simulator takes --model-bytes)")
     if args.host_share is not None:
         share, groups = args.host_share, ["(--host-share)"]
     else:

@@ -155,7 +155,7 @@ async def _open_target(
     from ptmserve.ray.application import RayAppConfig, replica_deployment
     from ptmserve.ray.frontend import RayEngine
 
-    repo = _repository(spec)
+    repo = _repository(spec, getattr(args, "weights", "fp"))
     per_model = model_bytes()
     settings = EngineSettings(
         dtype="bfloat16",

@@ -66,8 +66,11 @@ def _tokenizer_json() -> bytes:
     return tok.to_str().encode()
 
 
-def build_repository(root: Path, names: list[str], dtype: torch.dtype = torch.bfloat16) -> Repository:
-    """``names`` MiniLM-shaped models with distinct random weights, stored in ``dtype``."""
+def build_repository(
+    root: Path, names: list[str], dtype: torch.dtype = torch.bfloat16, weights: str = "fp"
+) -> Repository:
+    """``names`` MiniLM-shaped models with distinct random weights, stored in ``dtype`` with their linears
+    (and word embedding) in ``weights`` (``models.quant``)."""
     repo = Repository(root)
     tokenizer = _tokenizer_json()
     for i, name in enumerate(names):
@@ -82,11 +85,24 @@ def build_repository(root: Path, names: list[str], dtype: torch.dtype = torch.bf
             pooling=Pooling("mean", True).to_dict(),
             tokenizer_json=tokenizer,
             dtype=str(dtype).removeprefix("torch."),
-            tensors=tensors,
+            tensors=_in_format(tensors, weights, dtype),
             max_length=256,
+            weights=weights,
         )
         logger.info("stored %s (%d/%d)", name, i + 1, len(names))
     return repo
+
+
+def _in_format(tensors: dict[str, torch.Tensor], weights: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``tensors`` of a trace model with its linears in ``weights``."""
+    if weights == "fp":
+        return tensors
+    from ptmserve.models import quant, registry
+
+    family = registry.get(MINILM.architecture, weights)
+    with torch.device("meta"):
+        skeleton = family.module(MINILM)
+    return quant.to_format(skeleton, tensors, dtype)
 
 
 class EngineTarget:
@@ -120,15 +136,15 @@ def _total(metric: object, *, tier: str | None = None, suffix: str = "_total") -
     return total
 
 
-_REPOS: dict[tuple[int, str], tuple[tempfile.TemporaryDirectory, Repository]] = {}
+_REPOS: dict[tuple[int, str, str], tuple[tempfile.TemporaryDirectory, Repository]] = {}
 
 
-def _repository(spec: WorkloadSpec) -> Repository:
-    """One repository per trace shape, shared by the policies of one run."""
-    key = (spec.models, spec.prefix)
+def _repository(spec: WorkloadSpec, weights: str = "fp") -> Repository:
+    """One repository per trace shape and weight format, shared by the policies of one run."""
+    key = (spec.models, spec.prefix, weights)
     if key not in _REPOS:
         tmp = tempfile.TemporaryDirectory(prefix="ptmserve-trace-")
-        _REPOS[key] = (tmp, build_repository(Path(tmp.name), spec.model_names()))
+        _REPOS[key] = (tmp, build_repository(Path(tmp.name), spec.model_names(), weights=weights))
     return _REPOS[key][1]
 
 
@@ -137,8 +153,9 @@ async def open_target(
     policy: str, spec: WorkloadSpec, device_models: int, args: argparse.Namespace
 ) -> AsyncIterator[EngineTarget]:
     """An engine over ``spec``'s models under ``policy`` whose device tier holds ``device_models`` full
-    models (more as placed under ``args.placement``, which ``placed_bytes`` prepared)."""
-    repo = _repository(spec)
+    models (more as placed under ``args.placement``, which ``placed_bytes`` prepared, or stored in a smaller
+    ``args.weights``: the budget in bytes is that of ``device_models`` bf16 models in every case)."""
+    repo = _repository(spec, getattr(args, "weights", "fp"))
     per_model = model_bytes()
     placement = getattr(args, "placement", DEVICE)
     settings = EngineSettings(
@@ -164,7 +181,7 @@ async def open_target(
         engine.close()
 
 
-def placed_bytes(spec: WorkloadSpec, placement: str) -> tuple[dict[str, int], list[str]]:
+def placed_bytes(spec: WorkloadSpec, placement: str, weights: str = "fp") -> tuple[dict[str, int], list[str]]:
     """Device bytes of each of ``spec``'s models (bf16) as the engine places them under ``placement``,
     and the load groups left on the host (of any model).
 
@@ -172,7 +189,7 @@ def placed_bytes(spec: WorkloadSpec, placement: str) -> tuple[dict[str, int], li
     repository), so the engine of the run places by its profile from the first load instead of profiling
     in the background while the trace runs.
     """
-    return _placed(_repository(spec), spec.model_names(), placement)
+    return _placed(_repository(spec, weights), spec.model_names(), placement)
 
 
 def host_share(placement: str) -> tuple[float, list[str]]:

@@ -11,6 +11,7 @@ import torch
 
 from ptmserve.bench import trace, trace_real
 from ptmserve.engine.policies import PolicyName
+from ptmserve.errors import InvalidInput
 from ptmserve.models.encoder import Encoder
 
 
@@ -114,3 +115,23 @@ def test_real_mode_gives_the_engine_the_placement_and_its_twin_the_placed_bytes(
             run["sim_twin"]["fastptm"]["loaded_bytes"]
             == run["sim_twin"]["fastptm"]["switches"] * run["model_bytes"]
         )
+
+
+@pytest.mark.slow
+def test_real_mode_with_int8_weights_fits_more_models_in_the_same_bytes() -> None:
+    args = _args(
+        "--mode", "real", "--models", "3", "--device-models", "1", "--duration", "3",
+        "--weights", "int8", "--policies", "fastptm", "--profile", "cpu-2core",
+    )  # fmt: skip
+    report = json.loads(json.dumps(trace.run(args)))
+    run = report["placements"]["device"]
+    assert run["model_bytes"] < 0.6 * trace_real.model_bytes()  # int8 against bf16
+    assert run["models_resident"] >= 2  # the budget of one bf16 model and a half
+    r = run["policies"]["fastptm"]
+    assert sum(r["outcomes"].values()) == report["requests"]
+    assert r["loaded_bytes"] == r["switches"] * run["model_bytes"]
+
+
+def test_weights_in_sim_mode_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="--weights"):
+        trace.run(_args("--weights", "int8", "--models", "3", "--duration", "3", "--policies", "fifo-lru"))

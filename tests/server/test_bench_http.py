@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ptmserve.bench import http as bench
+from ptmserve.errors import InvalidInput
 from tests.server.fake_engine import fake_vector
 
 
@@ -42,3 +44,14 @@ def test_errors_are_counted_not_raised(fake_url: str) -> None:
     make = bench._http_sender(fake_url, _args("--model", "no-such-model"))
     summary = asyncio.run(bench.closed_loop([make()], ["a", "b"]))
     assert summary["errors"] == 2 and summary["requests"] == 0
+
+
+def test_weights_import_the_temporary_repository_quantized(tmp_path: Path) -> None:
+    from ptmserve.store.repository import Repository
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    repo = bench._ensure_repo(parser.parse_args(["--weights", "int8"]), tmp_path)
+    assert Repository(repo).manifest(bench.MODEL).weights == "int8"
+    with pytest.raises(InvalidInput, match="--weights"):
+        bench._ensure_repo(parser.parse_args(["--weights", "int8", "--repo", str(repo)]), tmp_path)
