@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="as `ptmserve serve`"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--weights",
+        default="fp",
+        choices=("fp", "int8", "int4"),
+        help="measure the model as `serve --weights` serves it, exit heads quantized too (default fp)",
+    )
     parser.add_argument("--order-seed", type=int, default=0, help="seed of the timed inputs' order")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
@@ -120,6 +126,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(requests) != len(batch_sizes):
         raise InvalidInput(f"--requests needs one number or one per batch size ({len(batch_sizes)})")
     repo = Repository(args.repo, create=False)
+    repo.manifest(args.name)  # ModelNotFound before any conversion
+    if args.weights != "fp":
+        from ptmserve.store.variants import sync_variant
+
+        repo = sync_variant(repo, args.weights)
     manifest = repo.manifest(args.name)
     try:
         config = EncoderConfig.from_dict(manifest.config)
@@ -137,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "model": args.name,
+        "weights": manifest.weights,
         "num_layers": config.num_layers,
         "exits": [
             {"layer": e.layer, "threshold": e.threshold, "confidence": e.confidence} for e in config.exits

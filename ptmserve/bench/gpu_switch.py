@@ -18,6 +18,7 @@ benchmark has no device option yet.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="torch device (default cuda)")
     p.add_argument("--runs", type=int, default=9, help="switches per measurement (default 9)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default float32,bfloat16)")
+    p.add_argument("--weights", default="fp", help="comma-separated: fp, int8, int4 (default fp)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--workdir", type=Path, help="folder for the temporary repository (default: system temp)")
     p.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model instead (a smoke run)")
@@ -145,12 +147,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ptmserve-gpu-switch-", dir=args.workdir) as tmp:
         repo = Repository(Path(tmp) / "repo")
         folders = _write_twins(Path(tmp), SMALL if args.small else BERT_BASE)
-        for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-            names = [f"{f.name}-{dtype}" for f in folders]
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        formats = [w.strip() for w in args.weights.split(",") if w.strip()]
+        for dtype, weights in itertools.product(dtypes, formats):
+            names = [f"{f.name}-{dtype}-{weights}" for f in folders]
             for folder, name in zip(folders, names, strict=True):  # imported in the serve dtype: no casts
-                import_checkpoint(repo, folder, name, dtype=dtype)
+                import_checkpoint(repo, folder, name, dtype=dtype, weights=weights)
             for pipelined in (True, False):
                 row = measure(repo, names, dtype, pipelined, device, max(1, args.runs))
+                row["weights"] = weights
                 gbps = copy_bandwidth(row["bytes"], device) / 1e9
                 row.update(h2d_gbps=gbps, limit_ms=row["bytes"] / (gbps * 1e9) * 1e3)
                 row["overhead_vs_limit"] = row["overhead_ms"] / row["limit_ms"]
@@ -178,13 +183,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"Warm switch (host tier -> {result['device_name']}) of {result['model']}, to the first result of a "
         f"1 x {result['first_batch'][1]} request; medians of {result['runs']}:",
         "",
-        "| dtype | pipelined | MB | resident ms | warm ms | overhead ms | H2D GB/s | limit ms "
+        "| dtype | weights | pipelined | MB | resident ms | warm ms | overhead ms | H2D GB/s | limit ms "
         "| overhead / limit |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['dtype']} | {'yes' if r['pipelined'] else 'no'} | {r['bytes'] / 1e6:.0f} "
+            f"| {r['dtype']} | {r.get('weights', 'fp')} | {'yes' if r['pipelined'] else 'no'} "
+            f"| {r['bytes'] / 1e6:.0f} "
             f"| {r['resident_ms']:.2f} "
             f"| {r['warm_ms']:.2f} | {r['overhead_ms']:.2f} | {r['h2d_gbps']:.1f} | {r['limit_ms']:.2f} "
             f"| {r['overhead_vs_limit']:.2f} |"

@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--hidden", type=int, default=256, help="width of the random models (default 256)")
     p.add_argument(
+        "--weights",
+        default="fp",
+        choices=("fp", "int8", "int4"),
+        help="serve the models with `serve --weights` (budgets from the quantized sizes; default fp)",
+    )
+    p.add_argument(
         "--dtype", default="float32", help="serve --dtype (default float32: budgets in stored bytes)"
     )
     p.add_argument("--device", default="cpu", help="serve --device (default cpu)")
@@ -129,7 +135,14 @@ def budgets(repo_dir: Path, device_memory: str | None, host_memory: str | None) 
 
 
 def start_server(args: argparse.Namespace, repo_dir: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
-    dev, host = budgets(repo_dir, args.device_memory, args.host_memory)
+    weights = getattr(args, "weights", "fp")
+    served = repo_dir
+    if weights != "fp":  # the server would convert them at start-up; done here to size the budgets
+        from ptmserve.store.repository import Repository
+        from ptmserve.store.variants import sync_variant
+
+        served = sync_variant(Repository(repo_dir), weights).root
+    dev, host = budgets(served, args.device_memory, args.host_memory)
     cmd = [
         sys.executable,
         "-m",
@@ -153,6 +166,8 @@ def start_server(args: argparse.Namespace, repo_dir: Path, port: int, log: Any) 
         str(soak_traffic.MAX_BATCH_INPUTS),
         "--drain-seconds",
         "20",
+        "--weights",
+        weights,
         *args.server_arg,
     ]
     logger.info("starting: %s", " ".join(cmd))

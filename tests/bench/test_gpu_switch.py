@@ -25,6 +25,8 @@ def test_small_run_on_cpu_writes_every_figure(tmp_path: Path) -> None:
             "2",
             "--dtypes",
             "float32",
+            "--weights",
+            "fp,int8",
             "--json",
             str(out),
             "--workdir",
@@ -33,7 +35,13 @@ def test_small_run_on_cpu_writes_every_figure(tmp_path: Path) -> None:
     )
     result = gpu_switch.run(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert [(r["dtype"], r["pipelined"]) for r in result["rows"]] == [("float32", True), ("float32", False)]
+    assert [(r["weights"], r["pipelined"]) for r in result["rows"]] == [
+        ("fp", True),
+        ("fp", False),
+        ("int8", True),
+        ("int8", False),
+    ]
+    assert result["rows"][2]["bytes"] < 0.5 * result["rows"][0]["bytes"]
     for r in result["rows"]:
         assert r["switched_equals_resident"]
         assert r["bytes"] > 0 and r["warm_ms"] > 0 and r["resident_ms"] > 0 and r["h2d_gbps"] > 0
