@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 REPO ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# fp, int8 or int4: `make serve WEIGHTS=int8` serves the models quantized (docs/quantization.md)
+# fp, int8 or int4: `make serve WEIGHTS=int8` (and `make soak WEIGHTS=int8`) serve the models quantized
+# (docs/quantization.md)
 WEIGHTS ?= fp
 STAMP := $(VENV)/.installed
 SOAK_STAMP := $(VENV)/.soak-installed
@@ -57,7 +58,7 @@ $(SOAK_STAMP): $(STAMP)
 # Not in CI. Mixed traffic against a real server for SOAK_MINUTES (docs/soak.md); exit 1 on a leak or a
 # request without an answer. Writes soak.csv, soak.png, soak.json and server.log to SOAK_OUT.
 soak: $(SOAK_STAMP)
-	$(PY) -m ptmserve.bench.soak --minutes $(SOAK_MINUTES) --interval-s $(SOAK_INTERVAL_S) --out $(SOAK_OUT)
+	$(PY) -m ptmserve.bench.soak --minutes $(SOAK_MINUTES) --interval-s $(SOAK_INTERVAL_S) --out $(SOAK_OUT) --weights $(WEIGHTS)
 
 # Not in CI. The HTTP fuzz tests with many more examples than the test suite's default.
 fuzz: setup
