@@ -29,8 +29,6 @@ import ray.exceptions
 from prometheus_client.metrics_core import Metric
 
 from ptmserve.engine.api import (
-    ClassifyResult,
-    EmbedResult,
     Generation,
     GenerationChunk,
     GenerationParams,
@@ -43,7 +41,6 @@ from ptmserve.engine.engine import EngineSettings
 from ptmserve.engine.pool.frontend import FrontEnd
 from ptmserve.engine.pool.messages import WorkerError
 from ptmserve.engine.pool.metrics import PoolMetrics, Snapshot, WorkerVitals, worker_families
-from ptmserve.engine.prepare import encoder_ids
 from ptmserve.engine.requests import ClassDefaults, request_class
 from ptmserve.engine.states import ModelStates
 from ptmserve.errors import DeadlineExceeded, NotReady
@@ -54,7 +51,6 @@ from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
 
-Inputs = Sequence[str] | Sequence[Sequence[int]]
 GRACE_SECONDS = 5.0  # a call may take its deadline plus this before the ingress gives up on it
 STREAM_IDLE_SECONDS = 60.0  # a started stream may go this long without an item
 CONTROL_SECONDS = 120.0  # load, unload, metrics and tiers calls
@@ -143,24 +139,10 @@ class RayEngine(FrontEnd):
 
     # -- inference ------------------------------------------------------------------------------------
 
-    async def aembed(
-        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
-    ) -> EmbedResult:
-        """Pooled embeddings of ``inputs``, computed by a replica. Raises as ``Engine.embed``."""
-        return await self._encode(c.EMBED, model, inputs, options)
-
-    async def aclassify(
-        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
-    ) -> ClassifyResult:
-        """Logits, labels and embeddings of ``inputs`` from a replica. Raises as ``Engine.classify``."""
-        return await self._encode(c.CLASSIFY, model, inputs, options)
-
-    async def _encode(self, op: str, model: str, inputs: Inputs, options: InferenceOptions) -> Any:
-        def prepare() -> list[list[int]]:
-            entry = self.states.ready_entry(model)
-            return encoder_ids(self.catalog, entry, model, inputs, classify=op == c.CLASSIFY)
-
-        ids = await self._prepared(model, inputs, prepare)
+    async def _send_encoder(
+        self, model: str, ids: list[list[int]], options: InferenceOptions, *, classify: bool
+    ) -> Any:
+        op = c.CLASSIFY if classify else c.EMBED
         return await self._ask(c.ReplicaCall(op, model, ids, options, deadline=self._deadline(options)))
 
     def _deadline(self, options: InferenceOptions) -> float:

@@ -2,7 +2,8 @@
 (tokenized on the loop when cheap, else on tokenizer threads) before one is sent to an engine.
 
 ``WorkerPool`` (engine processes on this machine) and ``ptmserve.ray``'s ``RayEngine`` (replicas on Ray
-Serve) both mix it in; they provide ``catalog``, ``states``, ``_preparers`` and ``_generate``.
+Serve) both mix it in; they provide ``catalog``, ``states``, ``_preparers``, and send prepared requests with
+``_send_encoder`` and ``_generate``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,20 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ptmserve.engine.api import Generation, GenerationParams, InferenceOptions, ModelInfo
+from ptmserve.engine.api import (
+    ClassifyResult,
+    EmbedResult,
+    Generation,
+    GenerationParams,
+    InferenceOptions,
+    ModelInfo,
+)
 from ptmserve.engine.catalog import ModelCatalog
-from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, prompt_ids
+from ptmserve.engine.prepare import chat_ids, cheap_to_prepare, encoder_ids, prompt_ids
 from ptmserve.engine.states import ModelStates
 
 T = TypeVar("T")
+Inputs = Sequence[str] | Sequence[Sequence[int]]
 
 
 class FrontEnd:
@@ -27,11 +36,37 @@ class FrontEnd:
     states: ModelStates
     _preparers: ThreadPoolExecutor
 
+    async def _send_encoder(
+        self, model: str, ids: list[list[int]], options: InferenceOptions, *, classify: bool
+    ) -> Any:
+        """Send a prepared embed (or, with ``classify``, classify) request to an engine; its result."""
+        raise NotImplementedError
+
     async def _generate(
         self, model: str, ids: str | Sequence[int], params: GenerationParams, options: InferenceOptions
     ) -> Generation:
         """Send a prepared generation to an engine; returns once it is admitted."""
         raise NotImplementedError
+
+    async def aembed(
+        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
+    ) -> EmbedResult:
+        """Pooled embeddings of ``inputs``, computed by an engine. Raises as ``Engine.embed``."""
+        return await self._encode(model, inputs, options, classify=False)
+
+    async def aclassify(
+        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
+    ) -> ClassifyResult:
+        """Logits, labels and embeddings of ``inputs`` from an engine. Raises as ``Engine.classify``."""
+        return await self._encode(model, inputs, options, classify=True)
+
+    async def _encode(self, model: str, inputs: Inputs, options: InferenceOptions, *, classify: bool) -> Any:
+        def prepare() -> list[list[int]]:
+            entry = self.states.ready_entry(model)
+            return encoder_ids(self.catalog, entry, model, inputs, classify=classify)
+
+        ids = await self._prepared(model, inputs, prepare)
+        return await self._send_encoder(model, ids, options, classify=classify)
 
     def models(self) -> list[ModelInfo]:
         """Every model in the repository; damaged ones are UNAVAILABLE with the reason."""

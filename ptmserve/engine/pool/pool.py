@@ -30,8 +30,6 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 
 from ptmserve.engine.api import (
-    ClassifyResult,
-    EmbedResult,
     Generation,
     GenerationParams,
     InferenceOptions,
@@ -46,7 +44,6 @@ from ptmserve.engine.pool.metrics import PoolMetrics, Snapshot, WorkerVitals, wo
 from ptmserve.engine.pool.process import WorkerSpec
 from ptmserve.engine.pool.routing import choose_worker
 from ptmserve.engine.pool.slot import START_SECONDS, WorkerSlot
-from ptmserve.engine.prepare import encoder_ids
 from ptmserve.engine.states import ModelStates
 from ptmserve.errors import InvalidConfig, NotReady
 from ptmserve.memory.shared import process_alive
@@ -55,7 +52,6 @@ from ptmserve.store.repository import Repository
 
 logger = logging.getLogger(__name__)
 
-Inputs = Sequence[str] | Sequence[Sequence[int]]
 METRICS_TIMEOUT_SECONDS = 2.0  # a worker that does not send its metrics by then is left out of /metrics
 
 
@@ -185,26 +181,11 @@ class WorkerPool(FrontEnd):
 
     # -- inference ------------------------------------------------------------------------------------
 
-    async def aembed(
-        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
-    ) -> EmbedResult:
-        """Pooled embeddings of ``inputs``, computed by a worker. Raises as ``Engine.embed``."""
-        return await self._encode(m.EMBED, model, inputs, options)
-
-    async def aclassify(
-        self, model: str, inputs: Inputs, options: InferenceOptions = InferenceOptions()
-    ) -> ClassifyResult:
-        """Logits, labels and embeddings of ``inputs`` from a worker. Raises as ``Engine.classify``."""
-        return await self._encode(m.CLASSIFY, model, inputs, options)
-
-    async def _encode(self, op: str, model: str, inputs: Inputs, options: InferenceOptions) -> Any:
-        def prepare() -> list[list[int]]:
-            entry = self.states.ready_entry(model)
-            return encoder_ids(self.catalog, entry, model, inputs, classify=op == m.CLASSIFY)
-
-        ids = await self._prepared(model, inputs, prepare)
+    async def _send_encoder(
+        self, model: str, ids: list[list[int]], options: InferenceOptions, *, classify: bool
+    ) -> Any:
         args = {"model": model, "inputs": ids, "options": options}
-        return await asyncio.wrap_future(self._submit(model, op, args))
+        return await asyncio.wrap_future(self._submit(model, m.CLASSIFY if classify else m.EMBED, args))
 
     async def _generate(
         self, model: str, ids: str | Sequence[int], params: GenerationParams, options: InferenceOptions
