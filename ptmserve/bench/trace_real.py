@@ -97,12 +97,9 @@ def _in_format(tensors: dict[str, torch.Tensor], weights: str, dtype: torch.dtyp
     """``tensors`` of a trace model with its linears in ``weights``."""
     if weights == "fp":
         return tensors
-    from ptmserve.models import quant, registry
+    from ptmserve.store.importer import quantize_tensors
 
-    family = registry.get(MINILM.architecture, weights)
-    with torch.device("meta"):
-        skeleton = family.module(MINILM)
-    return quant.to_format(skeleton, tensors, dtype)
+    return quantize_tensors(MINILM.architecture, MINILM, tensors, weights, dtype)
 
 
 class EngineTarget:

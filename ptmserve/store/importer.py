@@ -76,7 +76,7 @@ def import_checkpoint(
     tensors = dict(ckpt.tensors)
     target = checkpoint_dtype(tensors) if dtype == "auto" else dtype
     if weights != "fp":
-        tensors = quantize_checkpoint(ckpt, tensors, weights, torch_dtype(target))
+        tensors = quantize_tensors(ckpt.architecture, ckpt.config, tensors, weights, torch_dtype(target))
     if dtype != "auto":
         tensors = cast_floating(tensors, torch_dtype(target))
     manifest = repo.add_model(
@@ -142,16 +142,21 @@ def checkpoint_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
     return name
 
 
-def quantize_checkpoint(
-    ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], weights: str, dtype: torch.dtype
+def quantize_tensors(
+    architecture: str, config: Any, tensors: Mapping[str, torch.Tensor], weights: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """``tensors`` of ``ckpt`` with its linears (and its word embedding) in format ``weights``,
-    their floating parts in ``dtype``; tensors a GGUF reader already quantized are kept."""
+    """``tensors`` of a model of ``architecture`` and ``config`` with its linears (and its word embedding)
+    in format ``weights``, their floating parts in ``dtype``; tensors already quantized (a GGUF reader's)
+    are kept.
+
+    Raises:
+        errors.InvalidCheckpoint: the result does not match the quantized module's names and shapes.
+    """
     from ptmserve.models import quant, registry
 
-    family = registry.get(ckpt.architecture, weights)
+    family = registry.get(architecture, weights)
     with torch.device("meta"):
-        skeleton = family.module(ckpt.config)
+        skeleton = family.module(config)
     out = quant.to_format(skeleton, tensors, dtype)
     registry.check_tensors(skeleton, out)
     return out

@@ -87,7 +87,8 @@ def sync_variant(
 
 def _convert(source: Repository, target: Repository, name: str, weights: str) -> ModelManifest:
     """Store model ``name`` of ``source`` in ``target``, quantized to ``weights`` if stored in float."""
-    from ptmserve.models import quant, registry  # heavy imports, only needed here
+    from ptmserve.models import registry  # heavy imports, only needed here
+    from ptmserve.store.importer import quantize_tensors
 
     m = source.manifest(name)
     tensors: dict[str, torch.Tensor] = {}
@@ -95,11 +96,8 @@ def _convert(source: Repository, target: Repository, name: str, weights: str) ->
         tensors.update(source.read_group(name, group))
     stored_as = m.weights
     if m.weights == "fp":
-        family = registry.get(m.architecture, weights)
-        with torch.device("meta"):
-            skeleton = family.module(family.config_from_dict(m.config))
-        tensors = quant.to_format(skeleton, tensors, torch_dtype(m.dtype))
-        registry.check_tensors(skeleton, tensors)
+        config = registry.config_from_dict(m.architecture, dict(m.config))
+        tensors = quantize_tensors(m.architecture, config, tensors, weights, torch_dtype(m.dtype))
         stored_as = weights
     return target.add_model(
         name,
